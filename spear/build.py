@@ -1,0 +1,179 @@
+"""Turn a :class:`~spear.config.Config` into the objects a run needs (the only place that maps
+config fields onto the parameters of the pure functions and classes)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from spear.algo.losses import PolicyLossParams
+from spear.config import Config
+from spear.envs.base import TaskSource
+from spear.filters import RESPONSE_FILTERS, ResponseFilterParams
+from spear.policy import Policy, apply_lora, build_optimizer, load_pretrained, resolve_device
+from spear.registry import Registry
+from spear.replay import ReplayBuffer, ReplayParams
+from spear.rewards import ToolBonus
+from spear.rollout.engine import HFEngine, SamplingParams
+from spear.rollout.loop import LoopParams
+from spear.schedules import Schedule, schedule_from_spec
+from spear.update import UpdateSettings
+
+log = logging.getLogger(__name__)
+
+TASK_SOURCES: Registry[Callable[[Config], TaskSource]] = Registry("task")
+
+
+@TASK_SOURCES.register("arithmetic")
+def _arithmetic(cfg: Config) -> TaskSource:
+    from spear.envs.arithmetic import ArithmeticTasks
+
+    return ArithmeticTasks.from_config(cfg)
+
+
+@TASK_SOURCES.register("math")
+def _math(cfg: Config) -> TaskSource:
+    from spear.envs.math_task import MathTasks
+
+    return MathTasks.from_config(cfg)
+
+
+@TASK_SOURCES.register("textworld")
+def _textworld(cfg: Config) -> TaskSource:
+    from spear.envs.textworld_env import TextWorldTasks
+
+    return TextWorldTasks.from_config(cfg)
+
+
+@dataclass
+class Components:
+    policy: Policy
+    engine: HFEngine
+    source: TaskSource
+    buffer: ReplayBuffer | None
+    tool_bonus: ToolBonus
+    sil_weight: Schedule
+    response_filters: ResponseFilterParams
+    update: UpdateSettings
+    replay_update: UpdateSettings
+    loop_params: LoopParams
+    eval_loop_params: LoopParams
+
+
+def build_policy(cfg: Config) -> Policy:
+    device = resolve_device(cfg.trainer.device)
+    if cfg.model.path is None:
+        from spear.models.warmstart import ensure_warm_model
+
+        path = ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), cfg)
+        model, tok = load_pretrained(str(path), None, cfg.model.dtype)
+    else:
+        model, tok = load_pretrained(cfg.model.path, cfg.model.tokenizer_path, cfg.model.dtype)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = build_optimizer(params, cfg.optim, cfg.trainer.steps)
+    return Policy(model=model, tokenizer=tok, device=device, optimizer=opt, scheduler=sched)
+
+
+def _loss_params(cfg: Config, *, replay: bool) -> PolicyLossParams:
+    lc, rc = cfg.loss, cfg.replay
+    return PolicyLossParams(
+        clip_low=lc.clip_low,
+        clip_high=lc.clip_high,
+        clip_c=lc.clip_c,
+        cov_ratio=rc.clip_cov_ratio if replay else lc.clip_cov_ratio,
+        cov_lb=rc.clip_cov_lb if replay else lc.clip_cov_lb,
+        cov_ub=rc.clip_cov_ub if replay else lc.clip_cov_ub,
+        kl_cov_ratio=rc.kl_cov_ratio if replay else lc.kl_cov_ratio,
+        kl_cov_coef=lc.kl_cov_coef,
+    )
+
+
+def update_settings(cfg: Config, *, replay: bool) -> UpdateSettings:
+    n = cfg.rollout.tasks_per_step * cfg.rollout.group_size
+    mini = cfg.optim.mini_batch_size or (cfg.replay_sample_size if replay else n)
+    return UpdateSettings(
+        policy_loss=(cfg.replay.policy_loss or cfg.loss.policy_loss) if replay else cfg.loss.policy_loss,
+        loss_params=_loss_params(cfg, replay=replay),
+        aggregation=cfg.loss.aggregation,
+        max_response_len=cfg.dr_grpo_len,
+        entropy_coef=cfg.loss.entropy_coef,
+        kl_coef=0.0 if replay else cfg.loss.kl_coef,  # the reference applies no KL to replay data
+        kl_type=cfg.loss.kl_type,
+        epochs=cfg.optim.ppo_epochs,
+        mini_batch_size=mini,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        grad_clip=cfg.optim.grad_clip,
+        temperature=cfg.rollout.temperature,
+    )
+
+
+def loop_params(cfg: Config, *, evaluation: bool) -> LoopParams:
+    ro = cfg.rollout
+    temperature = cfg.eval.temperature if evaluation else ro.temperature
+    return LoopParams(
+        max_turns=ro.max_turns,
+        max_response_tokens=ro.max_response_tokens,
+        max_context_tokens=ro.max_context_tokens,
+        layout=ro.layout,
+        history_length=ro.history_length,
+        sampling=SamplingParams(
+            temperature=temperature,
+            top_p=1.0 if evaluation else ro.top_p,
+            top_k=None if evaluation or ro.top_k == 0 else ro.top_k,
+            max_new_tokens=ro.max_new_tokens,
+            stop_token_ids=None,
+            stop_strings=None,
+        ),
+        env_step_timeout_s=ro.env_step_timeout_s,
+    )
+
+
+def replay_params(cfg: Config) -> ReplayParams:
+    r = cfg.replay
+    return ReplayParams(
+        capacity=r.capacity, history_size=r.history_size, tolerate_steps=r.tolerate_steps,
+        trigger_ratio=r.trigger_ratio, sample_size=cfg.replay_sample_size, sampling=r.sampling,
+        recalibration=r.recalibration, normalize_by_std=r.normalize_by_std, std_eps=r.std_eps,
+        keep=r.keep, decay_weight=r.decay_weight, consume=r.consume,
+    )
+
+
+def tool_bonus(cfg: Config) -> ToolBonus:
+    tb = cfg.reward.tool_bonus
+    phi = {
+        "none": {"kind": "constant", "value": 0.0},
+        "constant": {"kind": "constant", "value": 1.0},
+        "cosine": {"kind": "cosine_down", "value": 1.0, "horizon": tb.horizon},
+    }[tb.mode]
+    return ToolBonus(alpha=tb.alpha, cap=tb.cap, schedule=schedule_from_spec(phi), count=tb.count)
+
+
+def response_filter_params(cfg: Config) -> ResponseFilterParams:
+    f = cfg.filters
+    enabled = tuple(name for name in RESPONSE_FILTERS.names() if getattr(f, name))
+    return ResponseFilterParams(enabled=enabled, ngram=f.ngram, ngram_repeats=f.ngram_repeats)
+
+
+def build_components(cfg: Config) -> Components:
+    policy = build_policy(cfg)
+    engine = HFEngine(policy.model, policy.tokenizer, device=policy.device)
+    return Components(
+        policy=policy,
+        engine=engine,
+        source=TASK_SOURCES.get(cfg.task.name)(cfg),
+        buffer=ReplayBuffer(replay_params(cfg), seed=cfg.trainer.seed) if cfg.replay.enabled else None,
+        tool_bonus=tool_bonus(cfg),
+        sil_weight=schedule_from_spec(cfg.replay.loss_coef),
+        response_filters=response_filter_params(cfg),
+        update=update_settings(cfg, replay=False),
+        replay_update=update_settings(cfg, replay=True),
+        loop_params=loop_params(cfg, evaluation=False),
+        eval_loop_params=loop_params(cfg, evaluation=True),
+    )

@@ -1,0 +1,97 @@
+"""Atomic checkpoints: the model in Hugging Face format plus the full trainer state.
+
+Layout of ``<run_dir>/checkpoints/step_000020/``: ``model/`` (``save_pretrained`` of the model
+and tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``) and ``trainer_state.pt``
+(optimizer, LR schedule, replay buffer, RNG states, step). A checkpoint is written into a
+temporary directory and renamed into place, and ``checkpoints/latest`` is replaced atomically,
+so an interrupted save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerState:
+    step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    replay: dict[str, Any] | None
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def capture_rng() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Any, state: TrainerState) -> Path:
+    """Write ``checkpoints/step_<k>`` atomically and point ``checkpoints/latest`` at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    try:
+        # With LoRA this saves the adapter; transformers loads it (with peft installed) on top of
+        # the base model named in its adapter_config.json.
+        model.save_pretrained(tmp / "model")  # type: ignore[operator]
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save(state.__dict__, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / "trainer_state.pt").exists():
+        raise CheckpointError(f"{pointer} points at {path.name}, which has no trainer_state.pt")
+    return path
+
+
+def load_trainer_state(ckpt: Path) -> TrainerState:
+    try:
+        data = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read {ckpt / 'trainer_state.pt'}: {e}") from None
+    return TrainerState(**data)

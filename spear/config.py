@@ -1,0 +1,393 @@
+"""The one typed config tree of spear: the only home of defaults.
+
+A run is configured by: these defaults (sized for the built-in CPU task), then an optional preset
+(`spear/presets/<name>.yaml`, algorithm settings of the reference recipes), then an optional YAML
+file, then ``section.key=value`` overrides from the command line. Every section rejects unknown
+keys with a suggestion. Cross-field checks (batch sizes, lengths) say what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spear.schedules import schedule_from_spec
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+ScheduleSpec = float | dict[str, Any]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_schedule(v: ScheduleSpec) -> ScheduleSpec:
+    schedule_from_spec(v)  # raises with the bad field named
+    return v
+
+
+class TinyModelConfig(_Section):
+    """The built-in Llama-style model created from scratch (used when ``model.path`` is unset)."""
+
+    vocab_size: int = Field(1024, ge=64)
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(384, ge=16)
+    num_layers: int = Field(3, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(512, ge=32)
+
+
+class WarmStartConfig(_Section):
+    """Supervised warm start of the built-in model on deliberately imperfect demonstrations."""
+
+    num_demos: int = Field(3000, ge=1)
+    steps: int = Field(600, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    frac_tool: float = Field(0.35, ge=0, le=1)  # correct tool use
+    frac_guess: float = Field(0.55, ge=0, le=1)  # no tool, guessed answer
+    frac_bad_call: float = Field(0.10, ge=0, le=1)  # malformed or wrong calls
+
+    @model_validator(mode="after")
+    def _fractions(self) -> WarmStartConfig:
+        total = self.frac_tool + self.frac_guess + self.frac_bad_call
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"frac_tool + frac_guess + frac_bad_call must sum to 1, got {total:g}")
+        return self
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelConfig(_Section):
+    path: str | None = None  # a local Hugging Face model dir or hub id; None = built-in tiny model
+    tokenizer_path: str | None = None  # defaults to ``path``
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str = "~/.cache/spear"  # built-in model + warm start cache
+    tiny: TinyModelConfig = TinyModelConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    lora: LoraConfig = LoraConfig()
+    gradient_checkpointing: bool = False
+
+
+class TaskConfig(_Section):
+    """Which task family to train on and its knobs."""
+
+    name: Literal["arithmetic", "math", "textworld"] = "arithmetic"
+    difficulty: int = Field(2, ge=1, le=5)  # arithmetic: number of operations / operand size
+    train_files: list[str] = []  # math: JSONL/Parquet problems with ground truth
+    test_files: list[str] = []
+    challenge: str = "tw-coin_collector"  # textworld
+    textworld_level: int = Field(1, ge=1)
+    game_cache_dir: str = "~/.cache/spear/textworld"
+    invalid_action_penalty: float = Field(0.1, ge=0)  # textworld: inadmissible action
+
+
+class RolloutConfig(_Section):
+    tasks_per_step: int = Field(16, ge=1)  # B
+    group_size: int = Field(8, ge=1)  # G
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    max_turns: int = Field(4, ge=1)
+    max_new_tokens: int = Field(48, ge=1)  # per turn
+    max_response_tokens: int = Field(192, ge=1)  # per episode, all turns
+    max_context_tokens: int = Field(512, ge=16)
+    layout: Literal["episode", "turn"] = "episode"
+    history_length: int = Field(2, ge=0)  # turn layout: observation/action pairs kept
+    parser: str = "hermes"
+    env_step_timeout_s: float = Field(10.0, gt=0)
+    tool_timeout_s: float = Field(5.0, gt=0)
+    max_observation_chars: int = Field(512, ge=16)
+
+
+class ToolBonusConfig(_Section):
+    """Intrinsic tool-call reward: min(cap, alpha * n_calls) * phi(step)."""
+
+    mode: Literal["none", "constant", "cosine"] = "none"
+    alpha: float = Field(0.1, ge=0)
+    cap: float = Field(1.0, ge=0)
+    horizon: int = Field(200, ge=1)  # T_tool of the cosine fade-out
+    count: Literal["tool_calls", "turns"] = "tool_calls"
+
+
+class RewardConfig(_Section):
+    tool_bonus: ToolBonusConfig = ToolBonusConfig()
+    invalid_call_penalty: float = Field(0.0, ge=0)  # per invalid tool call / action
+
+
+class FilterConfig(_Section):
+    """Dr.BoT response filters and the low-variance group filter."""
+
+    overlong: bool = False
+    incomplete: bool = False
+    repetitive: bool = False
+    unreadable: bool = False
+    ngram: int = Field(20, ge=1)
+    ngram_repeats: int = Field(10, ge=2)
+    group_keep_ratio: float = Field(1.0, gt=0, le=1)  # rho; 1 disables
+    group_filter_type: Literal["std", "std_rev"] = "std"
+
+
+class AdvantageConfig(_Section):
+    estimator: str = "grpo"
+    norm_by_std: bool = True
+    eps: float = Field(1e-6, gt=0)
+    stats_over: Literal["episode", "sample"] = "episode"
+    gigpo_gamma: float = Field(0.95, ge=0, le=1)
+    gigpo_step_weight: float = Field(1.0, ge=0)
+    gigpo_norm_by_std: bool = True
+
+
+class LossConfig(_Section):
+    policy_loss: str = "vanilla"
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.2, gt=0)
+    clip_c: float = Field(3.0, gt=1)  # dual clip
+    aggregation: str = "token-mean"
+    max_response_len: int | None = None  # Dr.GRPO constant; None = rollout.max_response_tokens
+    entropy_coef: float = 0.0
+    kl_coef: float = Field(0.0, ge=0)
+    kl_type: str = "k3"
+    clip_cov_ratio: float = Field(2e-4, gt=0, le=1)
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = Field(2e-4, gt=0, le=1)
+    kl_cov_coef: float = Field(1.0, ge=0)
+
+
+class ReplayConfig(_Section):
+    """Self-imitation learning: the replay buffer and its loss."""
+
+    enabled: bool = False
+    capacity: int = Field(2048, ge=1)  # B
+    history_size: int = Field(10240, ge=1)  # H, group means kept for the baseline
+    tolerate_steps: int = Field(5, ge=0)
+    trigger_ratio: float = Field(1.5, gt=0)
+    sample_size: int | None = None  # None = capacity
+    sampling: Literal["uniform", "prioritized"] = "uniform"
+    recalibration: Literal["median", "decay"] = "median"
+    normalize_by_std: bool = False
+    std_eps: float = Field(1e-6, gt=0)
+    keep: Literal["positive", "non_negative"] = "positive"
+    decay_weight: float = Field(0.1, gt=0, le=1)
+    consume: Literal["clear", "sliding"] = "clear"
+    recompute_old_logprobs: bool = False
+    loss_coef: ScheduleSpec = {"kind": "cosine_up", "value": 1.0, "horizon": 200}
+    policy_loss: str | None = None  # None = loss.policy_loss
+    clip_cov_ratio: float = Field(0.02, gt=0, le=1)
+    clip_cov_lb: float = 2.0
+    clip_cov_ub: float = 60.0
+    kl_cov_ratio: float = Field(0.02, gt=0, le=1)
+
+    _schedule = field_validator("loss_coef")(_check_schedule)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batch_size: int | None = None  # samples per optimizer step; None = the whole batch
+    micro_batch_size: int = Field(32, ge=1)  # samples per forward/backward
+
+
+class EvalConfig(_Section):
+    every: int = Field(10, ge=0)  # steps; 0 = only before and after training
+    num_tasks: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True  # when tensorboard is installed
+    wandb: bool = False
+    wandb_project: str = "spear"
+    progress: bool = True
+
+
+class TrainerConfig(_Section):
+    steps: int = Field(40, ge=0)
+    seed: int = 0
+    run_dir: str | None = None  # None = runs/<preset>-<timestamp>
+    save_every: int = Field(20, ge=0)  # 0 = only at the end
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["local", "ray"] = "local"
+    num_threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
+    max_nonfinite_skips: int = Field(10, ge=1)  # consecutive skipped updates before stopping
+
+
+class Config(_Section):
+    preset: str | None = None
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    filters: FilterConfig = FilterConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: LossConfig = LossConfig()
+    replay: ReplayConfig = ReplayConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        ro, opt = self.rollout, self.optim
+        n = ro.tasks_per_step * ro.group_size
+        if ro.layout == "episode" and opt.mini_batch_size is not None and n % opt.mini_batch_size:
+            raise ValueError(
+                f"optim.mini_batch_size={opt.mini_batch_size} must divide rollout.tasks_per_step x "
+                f"rollout.group_size = {n}; change one of them"
+            )
+        if ro.max_new_tokens > ro.max_response_tokens:
+            raise ValueError(
+                f"rollout.max_new_tokens={ro.max_new_tokens} exceeds rollout.max_response_tokens="
+                f"{ro.max_response_tokens}; lower the first or raise the second"
+            )
+        if ro.max_new_tokens >= ro.max_context_tokens:
+            raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_context_tokens")
+        if self.model.path is None and ro.max_context_tokens > self.model.tiny.max_position_embeddings:
+            raise ValueError(
+                f"rollout.max_context_tokens={ro.max_context_tokens} exceeds the built-in model's "
+                f"model.tiny.max_position_embeddings={self.model.tiny.max_position_embeddings}"
+            )
+        if self.task.name == "math" and not self.task.train_files:
+            raise ValueError("task.name=math needs task.train_files (JSONL or Parquet paths)")
+        return self
+
+    @property
+    def replay_sample_size(self) -> int:
+        return self.replay.sample_size or self.replay.capacity
+
+    @property
+    def dr_grpo_len(self) -> int:
+        return self.loss.max_response_len or self.rollout.max_response_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: defaults <- preset <- file <- overrides
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(data: Mapping[str, Any], model: type[BaseModel], where: str) -> None:
+    """Reject unknown keys anywhere in ``data`` with a suggestion, before pydantic sees them."""
+    for key, value in data.items():
+        fields = model.model_fields
+        if key not in fields:
+            known = sorted(fields)
+            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(key, known)}; known here: {', '.join(known)}")
+        ann = fields[key].annotation
+        if isinstance(value, Mapping) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value, ann, f"{where}{key}.")
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": value}}}`` with ``value`` parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    path, raw = text.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {e}") from None
+    for k in reversed(keys):
+        value = {k: value}
+    return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def load_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Build a validated :class:`Config`; raises :class:`ConfigError` with one clear line."""
+    data: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if file is not None:
+        layers.append((f"config file {file}", _read_yaml(Path(file), "config file")))
+    for o in overrides:
+        layers.append((f"override {o!r}", parse_override(o)))
+    preset = preset or next((d["preset"] for _, d in layers if isinstance(d.get("preset"), str)), None)
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}{_suggest(preset, preset_names())}; known: {', '.join(preset_names())}")
+        layers.insert(0, (f"preset {preset}", _read_yaml(PRESET_DIR / f"{preset}.yaml", "preset")))
+    for where, layer in layers:
+        try:
+            _check_keys(layer, Config, "")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        data = _deep_merge(data, layer)
+    if preset is not None:
+        data["preset"] = preset
+    return validate_config(data)
+
+
+def validate_config(data: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        where = f"{loc}: " if loc else ""
+        raise ConfigError(f"invalid config: {where}{msg}") from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+DEFAULT_RUN_CONFIG = Path(__file__).parent / "configs" / "default.yaml"

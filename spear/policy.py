@@ -1,0 +1,124 @@
+"""The trained policy: model, tokenizer, optimizer and LR schedule, and token log-probs.
+
+Log-probs follow the token convention of :mod:`spear.types`: ``logprobs[:, t]`` is the log-prob of
+``input_ids[:, t]`` given the prefix, computed from the hidden state at ``t - 1`` and projected
+through the LM head chunk by chunk (:func:`spear.algo.logprobs.logprobs_from_hidden`), so the
+full ``[N, T, V]`` logits are never materialised in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spear.algo.logprobs import logprobs_from_hidden
+from spear.config import Config, OptimConfig
+from spear.types import TokenBatch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOGPROB_CHUNK = 1024  # token rows projected through the LM head at once
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says from where and why."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
+    return torch.device(name)
+
+
+def load_pretrained(path: str, tokenizer_path: str | None, dtype: str) -> tuple[nn.Module, Any]:
+    """Load a Hugging Face causal LM and tokenizer from a local dir (or hub id if online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).expanduser().exists() and "/" not in path:
+        raise ModelLoadError(f"model.path {path!r} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model.path={path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        raise ModelLoadError(f"the tokenizer at {tokenizer_path or path!r} has no chat template")
+    return model, tok
+
+
+def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelLoadError("model.lora.enabled=true needs peft: pip install 'spear[lora]'") from None
+    lc = cfg.model.lora
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
+    return get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW plus a per-training-step LR schedule (warm-up, then constant / cosine / linear)."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1.0 - frac
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Policy:
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.get_decoder(), base.get_output_embeddings()
+
+    def forward_logprobs(self, batch: TokenBatch, *, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs ``[N, T]`` (and entropy ``[N, T]``) of ``batch.input_ids``; column 0 is 0."""
+        decoder, head = self._decoder_and_head()
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        lp, ent = logprobs_from_hidden(
+            hidden[:, :-1], head.weight, batch.input_ids[:, 1:],
+            temperature=temperature, chunk_size=LOGPROB_CHUNK, with_entropy=with_entropy,
+        )
+        pad = torch.zeros_like(lp[:, :1])
+        return torch.cat([pad, lp], dim=1), (torch.cat([pad, ent], dim=1) if ent is not None else None)
+
+    @torch.no_grad()
+    def batch_logprobs(self, batch: TokenBatch, *, micro_batch_size: int, temperature: float) -> Tensor:
+        """Log-probs of a whole batch without gradients, micro-batch by micro-batch. ``[N, T]``."""
+        was_training = self.model.training
+        self.model.eval()
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for start in range(0, batch.num_rows, micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            micro = batch.select(rows).to(self.device)
+            lp, _ = self.forward_logprobs(micro, temperature=temperature, with_entropy=False)
+            out[rows, : lp.shape[1]] = lp.float().cpu()
+        self.model.train(was_training)
+        return out

@@ -1,0 +1,101 @@
+"""Stages of a training step that sit between the pure algorithm functions and the trainer.
+
+Each stage takes and returns typed records (:class:`~spear.types.Sample`,
+:class:`~spear.types.Episode`, :class:`~spear.types.TokenBatch`) and returns its metrics as
+tensors or floats; none of them holds algorithm math of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from spear.algo.advantages import ADVANTAGES, AdvantageInput, AdvantageParams, discounted_returns
+from spear.config import Config
+from spear.policy import Policy
+from spear.types import Episode, Sample, TokenBatch
+
+
+def advantage_params(cfg: Config) -> AdvantageParams:
+    a = cfg.advantage
+    return AdvantageParams(
+        norm_by_std=a.norm_by_std,
+        eps=a.eps,
+        stats_over=a.stats_over,
+        gigpo_step_weight=a.gigpo_step_weight,
+        gigpo_norm_by_std=a.gigpo_norm_by_std,
+    )
+
+
+def _anchor_ids(samples: Sequence[Sample]) -> Tensor:
+    """Integer id per distinct anchor observation (samples without one get unique ids)."""
+    ids: dict[str, int] = {}
+    out = []
+    for i, s in enumerate(samples):
+        key = s.anchor if s.anchor is not None else f"\x00unique-{i}"
+        out.append(ids.setdefault(key, len(ids)))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def compute_advantages(samples: Sequence[Sample], cfg: Config) -> dict[str, Tensor]:
+    """Fill ``sample.advantage`` with the configured estimator; return advantage statistics."""
+    if not samples:
+        return {}
+    scores = torch.tensor([s.score for s in samples], dtype=torch.float64)
+    episode_ids = torch.tensor([s.episode_id for s in samples], dtype=torch.long)
+    step_returns = None
+    if cfg.advantage.estimator == "gigpo":
+        step_returns = discounted_returns(
+            torch.tensor([s.step_return for s in samples], dtype=torch.float64),
+            episode_ids,
+            torch.tensor([s.turn_index for s in samples], dtype=torch.long),
+            cfg.advantage.gigpo_gamma,
+        )
+    inp = AdvantageInput(
+        scores=scores,
+        group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),
+        episode_ids=episode_ids,
+        valid=torch.tensor([not s.is_filtered for s in samples], dtype=torch.bool),
+        step_returns=step_returns,
+        anchor_ids=_anchor_ids(samples) if step_returns is not None else None,
+    )
+    adv = ADVANTAGES.get(cfg.advantage.estimator)(inp, advantage_params(cfg))
+    for s, a in zip(samples, adv.tolist()):
+        s.advantage = a
+    return {"adv/mean": adv.mean(), "adv/abs_mean": adv.abs().mean(), "adv/positive_frac": (adv > 0).double().mean()}
+
+
+def fill_old_logprobs(policy: Policy, samples: Sequence[Sample], cfg: Config) -> None:
+    """Old log-probs: the current policy (before this step's update) on the collected tokens.
+
+    Stored as the samples' behaviour log-probs, so replayed samples keep their collection-time
+    values and the SIL importance ratio is a true ratio against the behaviour policy.
+    """
+    if not samples:
+        return
+    batch = TokenBatch.collate(samples, pad_id=policy.tokenizer.pad_token_id)
+    lp = policy.batch_logprobs(batch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature)
+    for i, s in enumerate(samples):
+        s.behavior_logprobs = lp[i, : s.num_tokens] * s.loss_mask.float()
+
+
+def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+    """Success, reward, tool use and length statistics of a set of episodes (plain floats)."""
+    n = max(1, len(episodes))
+    ends: dict[str, int] = {}
+    for e in episodes:
+        ends[e.end_reason.value] = ends.get(e.end_reason.value, 0) + 1
+    out = {
+        f"{prefix}/success": sum(e.success for e in episodes) / n,
+        f"{prefix}/outcome_reward": sum(e.outcome_reward for e in episodes) / n,
+        f"{prefix}/tool_calls": sum(e.num_tool_calls for e in episodes) / n,
+        f"{prefix}/invalid_tool_calls": sum(e.num_invalid_tool_calls for e in episodes) / n,
+        f"{prefix}/tool_errors": sum(e.num_tool_errors for e in episodes) / n,
+        f"{prefix}/turns": sum(e.num_turns for e in episodes) / n,
+        f"{prefix}/response_tokens": sum(sum(s.num_response_tokens for s in e.samples) for e in episodes) / n,
+        f"{prefix}/episodes": float(len(episodes)),
+    }
+    out.update({f"{prefix}/end_{k}": v / n for k, v in sorted(ends.items())})
+    return out

@@ -1,0 +1,231 @@
+"""The SPEAR training step and the fit / evaluate loop. Orchestration only: no math here.
+
+One step (DESIGN.md "Data flow"):
+
+    rollout -> rewards (outcome + tool bonus x phi(t)) -> response filters -> group filter
+    -> old log-probs -> advantages -> on-policy update
+    -> replay: maybe consume -> recalibrate -> SIL update x lambda(t)
+    -> replay: add this step's positive-advantage samples -> metrics -> checkpoint
+
+Randomness is derived from ``(trainer.seed, step)`` per stage, so a resumed run draws exactly
+what an uninterrupted run would (the replay buffer's own generator travels in its state).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from spear.build import Components, build_components
+from spear.checkpoint import TrainerState, capture_rng, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from spear.config import Config
+from spear.filters import apply_group_filter, apply_response_filters
+from spear.metrics import MetricLogger, sync_metrics
+from spear.replay import ReplayBatch
+from spear.rewards import assign_rewards
+from spear.rollout.loop import run_episodes
+from spear.stages import compute_advantages, episode_metrics, fill_old_logprobs
+from spear.types import Episode, Sample, TokenBatch
+from spear.update import policy_update
+
+log = logging.getLogger(__name__)
+
+# Offsets that decorrelate the per-step random streams of the different stages.
+_TASKS, _SAMPLING, _UPDATE, _REPLAY_UPDATE, _EVAL = 1, 2, 3, 4, 5
+
+
+def stage_generator(seed: int, step: int, stage: int) -> torch.Generator:
+    """A fresh generator for one stage of one step, a pure function of (seed, step, stage)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 101 + stage) % (2**63 - 1))
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[f"time/{name}"] = self.seconds.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+
+
+class Trainer:
+    """Trains a policy with the configured recipe; see the module docstring for one step."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        torch.manual_seed(cfg.trainer.seed)
+        self.c: Components = build_components(cfg)
+        self.step = 0
+        self.nonfinite_streak = 0
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.logger = MetricLogger.create(
+            run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project, config=cfg.model_dump(mode="json"),
+            resume_step=self.step if resume else None,
+        )
+
+    # ------------------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """One SPEAR step; returns the step's metrics (one host sync)."""
+        cfg, c, step = self.cfg, self.c, self.step + 1
+        timer, m = StageTimer(), {}
+        with timer("rollout"):
+            episodes = self._rollout(step)
+        m.update(assign_rewards(episodes, step, c.tool_bonus, invalid_penalty=cfg.reward.invalid_call_penalty))
+        m.update(apply_response_filters(episodes, c.response_filters, c.policy.tokenizer))
+        episodes, group_m = apply_group_filter(episodes, keep_ratio=cfg.filters.group_keep_ratio, kind=cfg.filters.group_filter_type)
+        m.update(group_m)
+        samples = [s for e in episodes for s in e.samples]
+        with timer("old_logprobs"):
+            fill_old_logprobs(c.policy, samples, cfg)
+        m.update(compute_advantages(samples, cfg))
+        with timer("update"):
+            m.update(self._update(samples, c.update, _UPDATE, step, scale=1.0, prefix="actor"))
+        with timer("sil_update"):
+            m.update(self._self_imitation(step))
+        if c.buffer is not None:
+            m.update({f"replay/{k}": v for k, v in c.buffer.add(samples, step).as_metrics().items()})
+        c.policy.scheduler.step()
+        self.step = step
+        return self._finish_metrics(m, episodes, timer)
+
+    def _rollout(self, step: int) -> list[Episode]:
+        cfg = self.cfg
+        tasks = self.c.source.tasks("train", cfg.rollout.tasks_per_step, seed=self._task_seed(step))
+        n = cfg.rollout.tasks_per_step * cfg.rollout.group_size
+        return run_episodes(
+            self.c.engine, self.c.policy.tokenizer, self.c.source.make_env, tasks,
+            group_size=cfg.rollout.group_size, params=self.c.loop_params, step=step,
+            first_group_id=step * cfg.rollout.tasks_per_step, first_episode_id=step * n,
+            generator=stage_generator(cfg.trainer.seed, step, _SAMPLING), tools=self.c.source.tools(),
+        )
+
+    def _update(self, samples: Sequence[Sample], settings, stage: int, step: int, *, scale: float, prefix: str) -> dict[str, Tensor | float]:
+        trainable = [s for s in samples if not s.is_filtered and s.num_response_tokens > 0]
+        if not trainable:
+            return {f"{prefix}/optimizer_steps": 0.0}
+        batch = TokenBatch.collate(trainable, pad_id=self.c.policy.tokenizer.pad_token_id)
+        res = policy_update(self.c.policy, batch, settings, stage_generator(self.cfg.trainer.seed, step, stage), loss_scale=scale)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if res.skipped_steps else 0
+        if res.skipped_steps:
+            log.warning("step %d: skipped %d %s update(s) with a non-finite loss or gradient", step, res.skipped_steps, prefix)
+        if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_skips:
+            raise FloatingPointError(f"{self.nonfinite_streak} consecutive updates had non-finite losses; lower optim.lr")
+        out: dict[str, Tensor | float] = {f"{prefix}/{k}": v for k, v in res.metrics.items()}
+        out[f"{prefix}/optimizer_steps"] = float(res.optimizer_steps)
+        out[f"{prefix}/skipped_nonfinite"] = float(res.skipped_steps)
+        return out
+
+    def _self_imitation(self, step: int) -> dict[str, Tensor | float]:
+        c = self.c
+        if c.buffer is None:
+            return {}
+        weight = c.sil_weight(step)
+        out: dict[str, Tensor | float] = {"replay/sil_weight": weight}
+        if not c.buffer.ready(step):
+            return out
+        replay: ReplayBatch = c.buffer.consume(step)
+        out.update({f"replay/{k}": v for k, v in replay.stats_metrics().items()})
+        if self.cfg.replay.recompute_old_logprobs:
+            fill_old_logprobs(c.policy, replay.samples, self.cfg)
+        if replay.samples and weight > 0:
+            out.update(self._update(replay.samples, c.replay_update, _REPLAY_UPDATE, step, scale=weight, prefix="replay"))
+        return out
+
+    def _finish_metrics(self, m: dict, episodes: Sequence[Episode], timer: StageTimer) -> dict[str, float]:
+        out = sync_metrics(m)
+        out.update(episode_metrics(episodes, "train"))
+        out.update(timer.seconds)
+        total = sum(timer.seconds.values())
+        out["time/step"] = total
+        tokens = sum(s.num_tokens for e in episodes for s in e.samples)
+        out["throughput/tokens_per_s"] = tokens / total if total > 0 else 0.0
+        out["lr"] = float(self.c.policy.scheduler.get_last_lr()[0])
+        return out
+
+    def _task_seed(self, step: int) -> int:
+        return (self.cfg.trainer.seed * 7_919 + step) % (2**31 - 1)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out success on the fixed test tasks (same tasks every time)."""
+        c, cfg = self.c, self.cfg
+        tasks = c.source.tasks("test", cfg.eval.num_tasks, seed=cfg.trainer.seed)
+        episodes = run_episodes(
+            c.engine, c.policy.tokenizer, c.source.make_env, tasks, group_size=1,
+            params=c.eval_loop_params, step=self.step, first_group_id=0, first_episode_id=0,
+            generator=stage_generator(cfg.trainer.seed, 0, _EVAL), tools=c.source.tools(),
+        )
+        return episode_metrics(episodes, "eval")
+
+    # ------------------------------------------------------------------------------ fit
+    def fit(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Train ``trainer.steps`` steps with periodic evaluation and checkpoints."""
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        if self.step == 0:
+            last = self.evaluate()
+            self.logger.write(0, last)
+        try:
+            while self.step < cfg.trainer.steps:
+                metrics = self.train_step()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.trainer.steps:
+                    metrics.update(self.evaluate())
+                if self.step == cfg.trainer.steps:
+                    metrics.update(self.evaluate())
+                self.logger.write(self.step, metrics)
+                last = metrics
+                if on_step is not None:
+                    on_step(self.step, metrics)
+                if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d: writing a final checkpoint", self.step)
+            self.save()
+            raise
+        self.save()
+        return last
+
+    # ------------------------------------------------------------------------------ state
+    def save(self) -> Path:
+        c = self.c
+        state = TrainerState(
+            step=self.step,
+            optimizer=c.policy.optimizer.state_dict(),
+            scheduler=c.policy.scheduler.state_dict(),
+            replay=c.buffer.state_dict() if c.buffer is not None else None,
+            rng=capture_rng(),
+            extra={"nonfinite_streak": self.nonfinite_streak},
+        )
+        return save_checkpoint(self.run_dir, c.policy.model, c.policy.tokenizer, state)
+
+    def _restore(self, ckpt: Path) -> None:
+        c = self.c
+        saved = type(c.policy.model).from_pretrained(str(ckpt / "model"))  # handles tied weights
+        c.policy.model.load_state_dict(saved.state_dict())
+        state = load_trainer_state(ckpt)
+        c.policy.optimizer.load_state_dict(state.optimizer)
+        c.policy.scheduler.load_state_dict(state.scheduler)
+        if c.buffer is not None and state.replay is not None:
+            c.buffer.load_state_dict(state.replay)
+        restore_rng(state.rng)
+        self.step = state.step
+        self.nonfinite_streak = int(state.extra.get("nonfinite_streak", 0))
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+
+    def close(self) -> None:
+        self.logger.close()

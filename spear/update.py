@@ -1,0 +1,133 @@
+"""The PPO-style policy update shared by the on-policy pass and the self-imitation (replay) pass.
+
+For each epoch the batch is shuffled (seeded) and cut into mini-batches; each mini-batch is one
+optimizer step, accumulated over micro-batches. The aggregation normaliser (valid tokens,
+sequences, Dr.GRPO length constant) is computed over the whole mini-batch, so the gradient does
+not depend on how a mini-batch is split into micro-batches. A mini-batch whose loss or gradient
+norm is not finite is skipped (no optimizer step) and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spear.algo.aggregation import AGGREGATIONS, AggregationNorm
+from spear.algo.kl import KL_ESTIMATORS
+from spear.algo.losses import POLICY_LOSSES, PolicyLossInput, PolicyLossParams
+from spear.policy import Policy
+from spear.types import TokenBatch
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    policy_loss: str
+    loss_params: PolicyLossParams
+    aggregation: str
+    max_response_len: int  # Dr.GRPO constant
+    entropy_coef: float
+    kl_coef: float
+    kl_type: str
+    epochs: int
+    mini_batch_size: int
+    micro_batch_size: int
+    grad_clip: float
+    temperature: float
+
+
+@dataclass
+class UpdateResult:
+    """Tensor metrics (0-dim, not yet synced) of one update pass."""
+
+    metrics: dict[str, Tensor]
+    optimizer_steps: int
+    skipped_steps: int
+
+
+def _mini_batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    return [perm[i : i + size] for i in range(0, n, size)]
+
+
+def _micro_loss(
+    policy: Policy,
+    micro: TokenBatch,
+    settings: UpdateSettings,
+    norm: AggregationNorm,
+    generator: torch.Generator,
+    ref_logprobs: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one micro-batch, already scaled so that micro-batch losses sum to the mini-batch loss."""
+    want_entropy = True  # entropy is always logged; it enters the loss only if entropy_coef != 0
+    lp, ent = policy.forward_logprobs(micro, temperature=settings.temperature, with_entropy=want_entropy)
+    out = POLICY_LOSSES.get(settings.policy_loss)(
+        PolicyLossInput(log_probs=lp, old_log_probs=micro.old_logprobs, advantages=micro.advantages, mask=micro.loss_mask),
+        settings.loss_params,
+        generator,
+    )
+    aggregate = AGGREGATIONS.get(settings.aggregation)
+    loss = aggregate(out.token_loss, micro.loss_mask, norm)
+    metrics = {f"{k}": v.detach() for k, v in out.metrics.items()}
+    assert ent is not None
+    ent_mean = AGGREGATIONS.get("token-mean")(ent.detach(), micro.loss_mask, norm)
+    metrics["entropy"] = ent_mean
+    if settings.entropy_coef:
+        loss = loss - settings.entropy_coef * aggregate(ent, micro.loss_mask, norm)
+    if settings.kl_coef and ref_logprobs is not None:
+        kl = KL_ESTIMATORS.get(settings.kl_type)(lp, ref_logprobs.to(lp.device))
+        kl_term = aggregate(kl, micro.loss_mask, norm)
+        loss = loss + settings.kl_coef * kl_term
+        metrics["kl"] = kl_term.detach()
+    metrics["pg_loss"] = loss.detach()
+    return loss, metrics
+
+
+def policy_update(
+    policy: Policy,
+    batch: TokenBatch,
+    settings: UpdateSettings,
+    generator: torch.Generator,
+    *,
+    loss_scale: float = 1.0,
+    ref_logprobs: Tensor | None = None,
+) -> UpdateResult:
+    """Run ``settings.epochs`` passes of mini-batch optimizer steps over ``batch``.
+
+    ``loss_scale`` multiplies the loss (the SIL weight lambda(t) for the replay pass). Metrics are
+    token-weighted means over micro-batches, kept as tensors (the caller syncs once per step).
+    """
+    policy.model.train()
+    sums: dict[str, Tensor] = {}
+    weight_total = torch.zeros(())
+    steps = skipped = 0
+    for _ in range(settings.epochs):
+        for rows in _mini_batches(batch.num_rows, settings.mini_batch_size, generator):
+            mini = batch.select(rows)
+            norm = AggregationNorm.from_mask(mini.loss_mask, settings.max_response_len)
+            policy.optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=policy.device)
+            for start in range(0, mini.num_rows, settings.micro_batch_size):
+                micro_rows = slice(start, start + settings.micro_batch_size)
+                micro = mini.select(micro_rows).to(policy.device)
+                ref = ref_logprobs[rows][micro_rows, : micro.input_ids.shape[1]] if ref_logprobs is not None else None
+                loss, m = _micro_loss(policy, micro, settings, norm, generator, ref)
+                (loss * loss_scale).backward()
+                total = total + loss.detach()
+                w = micro.loss_mask.sum().cpu()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * w
+                weight_total = weight_total + w
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters, settings.grad_clip)
+            if bool(torch.isfinite(grad_norm) & torch.isfinite(total)):  # one sync per optimizer step
+                policy.optimizer.step()
+                steps += 1
+            else:
+                policy.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            sums["grad_norm"] = sums.get("grad_norm", torch.zeros(())) + grad_norm.detach().float().cpu()
+    denom = weight_total.clamp(min=1)
+    metrics = {k: v / denom for k, v in sums.items() if k != "grad_norm"}
+    metrics["grad_norm"] = sums.get("grad_norm", torch.zeros(())) / max(1, steps + skipped)
+    return UpdateResult(metrics=metrics, optimizer_steps=steps, skipped_steps=skipped)
