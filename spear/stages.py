@@ -48,7 +48,7 @@ def compute_advantages(samples: Sequence[Sample], cfg: Config) -> dict[str, Tens
     step_returns = None
     if cfg.advantage.estimator == "gigpo":
         step_returns = discounted_returns(
-            torch.tensor([s.step_return for s in samples], dtype=torch.float64),
+            torch.tensor([s.turn_reward for s in samples], dtype=torch.float64),
             episode_ids,
             torch.tensor([s.turn_index for s in samples], dtype=torch.long),
             cfg.advantage.gigpo_gamma,

@@ -62,7 +62,7 @@ class Sample:
     penalty: float = 0.0
     score: float = 0.0
     advantage: float = 0.0
-    step_return: float = 0.0  # GiGPO per-turn discounted return (turn layout)
+    turn_reward: float = 0.0  # environment reward of this turn (turn layout); GiGPO discounts it
     anchor: str | None = None  # GiGPO anchor observation (turn layout)
     step: int = 0  # training step at which it was collected
     filtered_by: tuple[str, ...] = ()  # names of response filters that removed it

@@ -21,6 +21,9 @@ from spear.policy import Policy
 from spear.types import TokenBatch
 
 
+COUNT_METRICS = frozenset({"cov_selected"})  # loss metrics that are counts, summed over micro-batches
+
+
 @dataclass(frozen=True)
 class UpdateSettings:
     policy_loss: str
@@ -116,8 +119,8 @@ def policy_update(
                 (loss * loss_scale).backward()
                 total = total + loss.detach()
                 w = micro.loss_mask.sum().cpu()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * w
+                for k, v in m.items():  # counts add up; means are token-weighted
+                    sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * (1 if k in COUNT_METRICS else w)
                 weight_total = weight_total + w
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters, settings.grad_clip)
             if bool(torch.isfinite(grad_norm) & torch.isfinite(total)):  # one sync per optimizer step
@@ -128,6 +131,6 @@ def policy_update(
                 skipped += 1
             sums["grad_norm"] = sums.get("grad_norm", torch.zeros(())) + grad_norm.detach().float().cpu()
     denom = weight_total.clamp(min=1)
-    metrics = {k: v / denom for k, v in sums.items() if k != "grad_norm"}
+    metrics = {k: v if k in COUNT_METRICS else v / denom for k, v in sums.items() if k != "grad_norm"}
     metrics["grad_norm"] = sums.get("grad_norm", torch.zeros(())) / max(1, steps + skipped)
     return UpdateResult(metrics=metrics, optimizer_steps=steps, skipped_steps=skipped)

@@ -1,0 +1,409 @@
+"""Supervised warm start of the built-in tiny model on deliberately imperfect demonstrations.
+
+Demonstrations are scripted episodes of the built-in arithmetic task, played in the task's real
+env (so tool responses and errors look exactly as during RL). Each demo is one of three kinds,
+in exact proportions given by the parameters:
+
+* ``tool``: a correct calculator call, the tool response, then ``\\boxed{result}``;
+* ``guess``: no tool call, a wrong guessed answer of plausible size;
+* ``bad_call``: a malformed call (followed by a guess) or a call with a corrupted expression
+  (followed by its wrong result), alternating.
+
+The model sees its own (assistant) tokens in the loss only; the mask comes from the
+prefix-stable chat rendering. The result is cached on disk, keyed by a hash of all parameters and
+the seed, and written atomically (built in a temporary directory, then renamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerFast
+
+from spear.envs.arithmetic import ArithmeticParams, ArithmeticTasks
+from spear.envs.base import Env, Task, tool_schema
+from spear.models.tiny import TinyModelParams, build_tiny_model
+from spear.models.tokenizer import Conversation, TokenizerParams, chat_ids, train_tokenizer
+from spear.types import Message
+
+if TYPE_CHECKING:
+    from spear.config import Config
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when demo generation or training changes in a way params do not show
+WARMUP_FRACTION = 0.05  # linear LR warm-up over this share of the steps, then cosine decay to 0
+REPORT_FILE = "warmstart.json"
+
+
+@dataclass(frozen=True, slots=True)
+class WarmStartParams:
+    """Everything that determines the warm model (the cache key hashes all of it).
+
+    ``num_demos`` training tasks become demonstrations; ``steps`` AdamW steps of ``batch_size``
+    demos at peak learning rate ``lr``; ``frac_tool + frac_guess + frac_bad_call`` must be 1.
+    """
+
+    tokenizer: TokenizerParams
+    model: TinyModelParams
+    task: ArithmeticParams
+    num_demos: int
+    steps: int
+    batch_size: int
+    lr: float
+    frac_tool: float
+    frac_guess: float
+    frac_bad_call: float
+
+    def __post_init__(self) -> None:
+        for name in ("num_demos", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        fracs = (self.frac_tool, self.frac_guess, self.frac_bad_call)
+        if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
+            raise ValueError(
+                f"frac_tool, frac_guess, frac_bad_call must be >= 0 and sum to 1, got {fracs}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> WarmStartParams:
+        """The warm-start parameters of a run configuration (``model.tiny``, ``model.warm_start``)."""
+        t, w = cfg.model.tiny, cfg.model.warm_start
+        return cls(
+            tokenizer=TokenizerParams(vocab_size=t.vocab_size),
+            model=TinyModelParams(
+                hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size,
+                num_layers=t.num_layers,
+                num_heads=t.num_heads,
+                max_position_embeddings=t.max_position_embeddings,
+            ),
+            task=ArithmeticTasks.params_from_config(cfg),
+            num_demos=w.num_demos,
+            steps=w.steps,
+            batch_size=w.batch_size,
+            lr=w.lr,
+            frac_tool=w.frac_tool,
+            frac_guess=w.frac_guess,
+            frac_bad_call=w.frac_bad_call,
+        )
+
+    def cache_key(self, seed: int) -> str:
+        blob = json.dumps(
+            {"params": dataclasses.asdict(self), "seed": seed, "version": CACHE_VERSION},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Demonstrations
+
+
+class DemoKind(str, enum.Enum):
+    TOOL = "tool"
+    GUESS = "guess"
+    BAD_CALL = "bad_call"
+
+
+def demo_kinds(n: int, fracs: Sequence[float], rng: random.Random) -> list[DemoKind]:
+    """``n`` kinds in exact proportions ``fracs`` (tool, guess, bad_call), shuffled.
+
+    Counts are ``floor(n * frac)`` plus one for the largest remainders, so they sum to ``n``.
+    """
+    kinds = list(DemoKind)
+    raw = [n * f for f in fracs]
+    counts = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(kinds)), key=lambda i: raw[i] - counts[i], reverse=True)
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    out = [k for k, c in zip(kinds, counts) for _ in range(c)]
+    rng.shuffle(out)
+    return out
+
+
+def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
+    """A Hermes-style tool call as the model writes it."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def boxed(answer: str) -> str:
+    return f"\\boxed{{{answer}}}"
+
+
+def wrong_number(answer: str, rng: random.Random) -> str:
+    """A positive integer with as many digits as ``answer`` but a different value."""
+    digits = max(1, len(answer.strip().lstrip("-")))
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    while True:
+        guess = str(rng.randint(lo, hi))
+        if guess != answer.strip():
+            return guess
+
+
+def corrupt_expression(expression: str, rng: random.Random) -> str:
+    """``expression`` with one digit changed (never the leading digit of a number)."""
+    spots = [i for i, c in enumerate(expression) if c.isdigit() and i > 0 and expression[i - 1].isdigit()]
+    if not spots:
+        return expression + "+1"
+    i = rng.choice(spots)
+    new = rng.choice([d for d in "0123456789" if d != expression[i]])
+    return expression[:i] + new + expression[i + 1 :]
+
+
+def malformed_call_text(expression: str, rng: random.Random) -> str:
+    """A broken tool call: invalid JSON, or an unknown tool name."""
+    if rng.random() < 0.5:
+        return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": {expression}}}</tool_call>'
+    return tool_call_text("calc", {"expression": expression})
+
+
+def _last_tool_text(messages: list[Message]) -> str:
+    texts = [m.get("content", "") for m in messages if m.get("role") == "tool"]
+    return texts[-1] if texts else ""
+
+
+def play_demo(env: Env, task: Task, kind: DemoKind, rng: random.Random, alt: bool) -> list[Message]:
+    """Play one scripted demonstration of ``kind`` in ``env``; return the whole conversation.
+
+    ``alt`` selects the variant of a ``bad_call`` demo (malformed call vs corrupted expression).
+    """
+    messages, _ = env.reset(task)
+    messages = list(messages)
+    expression = str(task.meta["expression"])
+    answer = str(task.answer)
+
+    def act(text: str) -> list[Message]:
+        messages.append({"role": "assistant", "content": text})
+        result = env.step(text)
+        messages.extend(result.messages)
+        return result.messages
+
+    if kind is DemoKind.GUESS:
+        act(boxed(wrong_number(answer, rng)))
+    elif kind is DemoKind.TOOL:
+        obs = act(tool_call_text("calculator", {"expression": expression}))
+        act(boxed(_last_tool_text(obs).strip()))
+    elif alt:
+        act(malformed_call_text(expression, rng))
+        act(boxed(wrong_number(answer, rng)))
+    else:
+        obs = act(tool_call_text("calculator", {"expression": corrupt_expression(expression, rng)}))
+        act(boxed(_last_tool_text(obs).strip()))
+    return messages
+
+
+def make_demos(source: ArithmeticTasks, params: WarmStartParams, seed: int) -> list[Conversation]:
+    """``params.num_demos`` demonstrations on training tasks, deterministic in ``seed``."""
+    rng = random.Random(f"warmstart:{seed}")
+    tasks = source.tasks("train", params.num_demos, seed)
+    fracs = (params.frac_tool, params.frac_guess, params.frac_bad_call)
+    kinds = demo_kinds(params.num_demos, fracs, rng)
+    tools = [tool_schema(t) for t in source.tools()]
+    env = source.make_env()
+    demos: list[Conversation] = []
+    n_bad = 0
+    try:
+        for task, kind in zip(tasks, kinds):
+            alt = kind is DemoKind.BAD_CALL and n_bad % 2 == 0
+            n_bad += kind is DemoKind.BAD_CALL
+            demos.append(Conversation(play_demo(env, task, kind, rng, alt), tools))
+    finally:
+        env.close()
+    return demos
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding and training
+
+
+def encode_with_mask(tok: PreTrainedTokenizerFast, conv: Conversation) -> tuple[Tensor, Tensor]:
+    """Token ids ``[T]`` of ``conv`` and the assistant mask ``[T]`` (1 on tokens the model writes).
+
+    Each assistant turn covers the tokens after the rendering of the conversation before it with
+    the generation prompt, up to and including the end-of-turn token; this relies on (and checks)
+    the template's prefix stability.
+    """
+    full = chat_ids(tok, conv, generation_prompt=False)
+    mask = [0] * len(full)
+    eos = tok.eos_token_id
+    for k, m in enumerate(conv.messages):
+        if m.get("role") != "assistant":
+            continue
+        head = chat_ids(tok, Conversation(conv.messages[:k], conv.tools), generation_prompt=True)
+        turn = chat_ids(tok, Conversation(conv.messages[: k + 1], conv.tools), generation_prompt=False)
+        if turn[: len(head)] != head or full[: len(turn)] != turn:
+            raise ValueError(f"chat template is not prefix-stable at message {k}")
+        end = len(turn)
+        while end > len(head) and turn[end - 1] != eos:
+            end -= 1
+        if end == len(head):
+            raise ValueError(f"assistant message {k} renders without an end-of-turn token")
+        mask[len(head) : end] = [1] * (end - len(head))
+    return torch.tensor(full, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+
+
+def masked_nll(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Mean negative log-likelihood of the masked tokens.
+
+    ``logits`` ``[N, T, V]`` (position ``t`` predicts token ``t+1``), ``input_ids`` ``[N, T]``,
+    ``loss_mask`` ``[N, T]`` (1 where token ``t`` is a target; position 0 is never one).
+    Returns a scalar; 0 when no token is masked in.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, T-1, V]
+    target = input_ids[:, 1:]  # [N, T-1]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [N, T-1]
+    m = loss_mask[:, 1:].to(nll.dtype)  # [N, T-1]
+    return (nll * m).sum() / m.sum().clamp(min=1.0)
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over ``WARMUP_FRACTION`` of ``total`` steps, then cosine decay to 0."""
+    warm = max(1, round(WARMUP_FRACTION * total))
+    if step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def collate(examples: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad ``(ids, mask)`` pairs into ``ids`` ``[N, T]``, ``attention`` and ``mask``."""
+    n, t = len(examples), max(int(ids.numel()) for ids, _ in examples)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, t), dtype=torch.long)
+    mask = torch.zeros((n, t), dtype=torch.bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : x.numel()], attn[i, : x.numel()], mask[i, : x.numel()] = x, 1, m
+    return ids, attn, mask
+
+
+def train_warm_start(
+    model: torch.nn.Module,
+    examples: Sequence[tuple[Tensor, Tensor]],
+    params: WarmStartParams,
+    pad_id: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """``params.steps`` AdamW steps on shuffled batches of ``examples``; returns the losses."""
+    if not examples:
+        raise ValueError("train_warm_start needs at least one example")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    for step in range(params.steps):
+        if len(order) < params.batch_size:
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        picked, order = order[: params.batch_size], order[params.batch_size :]
+        ids, attn, mask = collate([examples[i] for i in picked], pad_id)
+        for group in opt.param_groups:
+            group["lr"] = params.lr * lr_factor(step, params.steps)
+        loss = masked_nll(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Build and cache
+
+
+def _log_progress(total: int) -> Callable[[int, float], None]:
+    every = max(1, total // 10)
+
+    def on_step(step: int, loss: float) -> None:
+        if (step + 1) % every == 0 or step + 1 == total:
+            log.info("warm start step %d/%d loss %.4f", step + 1, total, loss)
+
+    return on_step
+
+
+def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[str, Any]:
+    """Build tokenizer, model and warm start into ``out_dir``; return the report written there."""
+    start = time.perf_counter()
+    source = ArithmeticTasks(params.task)
+    demos = make_demos(source, params, seed)
+    tok = train_tokenizer(demos, params.tokenizer)
+    examples = [encode_with_mask(tok, c) for c in demos]
+    longest = max(int(ids.numel()) for ids, _ in examples)
+    if longest > params.model.max_position_embeddings:
+        raise ValueError(
+            f"a demonstration has {longest} tokens, more than max_position_embeddings="
+            f"{params.model.max_position_embeddings}"
+        )
+    model = build_tiny_model(params.model, tok, seed)
+    prep_s = time.perf_counter() - start
+    losses = train_warm_start(model, examples, params, tok.pad_token_id, seed, _log_progress(params.steps))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    tail = losses[-max(1, len(losses) // 10) :]
+    report = {
+        "params": dataclasses.asdict(params),
+        "seed": seed,
+        "version": CACHE_VERSION,
+        "vocab_size": len(tok),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "demo_tokens_mean": sum(int(i.numel()) for i, _ in examples) / len(examples),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "prep_seconds": prep_s,
+        "build_seconds": time.perf_counter() - start,
+    }
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def ensure_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Path:
+    """The directory of the warm model for ``(params, seed)``, built once and then reused.
+
+    The directory loads with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``. It is
+    built in a temporary directory next to its final place and renamed into place, so a crash
+    never leaves a half-written model; concurrent builders keep whichever finished first.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    final = cache_dir / f"warm-{params.cache_key(seed)}"
+    if (final / REPORT_FILE).exists():
+        log.info("using the cached warm model %s", final)
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    try:
+        log.info("building the warm model (tokenizer, tiny model, %d warm-start steps)", params.steps)
+        build_warm_model(tmp, params, seed)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / REPORT_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

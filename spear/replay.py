@@ -1,0 +1,537 @@
+"""Self-imitation (SIL) replay buffer with advantage recalibration (reference §2, §1 steps 8-10).
+
+Lifecycle within training step ``t`` (the trainer's order):
+
+1. ``ready(t)`` / ``consume(t)`` -- on the buffer as step ``t - 1`` left it: if more than
+   ``trigger_ratio * capacity`` stored samples would survive recalibration, recalibrate their
+   advantages against the running median baseline and draw ``sample_size`` of them for the SIL
+   update. ``consume="clear"`` (the reference) then drops every stored sample; ``"sliding"``
+   removes only the drawn ones.
+2. ``add(samples, t)`` -- after the update, with the step's post-group-filter samples: record the
+   per-group baseline statistics of ALL given samples (response-filtered ones included, as in the
+   reference), then store the samples with ``advantage > 0``, no response filter and at least one
+   response token. So data of step ``t`` can be replayed at step ``t + 1`` at the earliest.
+
+Baseline statistics (one std convention, B14): within a group (``group_id``) each episode
+(``episode_id``) scores the mean ``score`` of its samples; the group's mean is the mean of its
+episode scores and its std the unbiased (ddof=1) std of them, 0 for a single-episode group.
+At most ``history_size`` group statistics are kept, oldest first out (never more, B18).
+
+Recalibration (``recalibration="median"``): ``A = R - p50`` where ``R`` is the stored score
+(collection-time, tool bonus of that step included) and ``p50`` the 50th percentile (linear
+interpolation) of all kept group means; with ``normalize_by_std``, ``A = (R - p50) / (s50 +
+std_eps)`` with ``s50`` the median of the kept group stds. ``keep="positive"`` keeps ``A > 0``,
+``"non_negative"`` keeps ``A >= 0`` (B4). ``recalibration="decay"``: ``A = decay_weight *
+A_collected``. The estimator is a scalar baseline whatever advantage estimator produced the
+collected advantage: with GiGPO, replayed samples get no step-level term.
+
+Staleness is measured against the current training step: a sample collected at step ``s`` is
+evicted once ``t - s > tolerate_steps`` (no silent cap). Stored samples keep their
+collection-time behaviour log-probs. Tensors are kept on the CPU compactly (token ids int32,
+masks bool, log-probs float32). All randomness comes from one seeded ``torch.Generator`` that is
+part of ``state_dict()``, so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from spear.types import Sample
+
+log = logging.getLogger(__name__)
+
+Sampling = Literal["uniform", "prioritized"]
+Recalibration = Literal["median", "decay"]
+Keep = Literal["positive", "non_negative"]
+Consume = Literal["clear", "sliding"]
+
+_STATE_FORMAT = 1
+_TENSOR_FIELDS = ("input_ids", "loss_mask", "behavior_logprobs")
+_SCALAR_FIELDS = tuple(f.name for f in fields(Sample) if f.name not in _TENSOR_FIELDS)
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"ReplayParams.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"ReplayParams.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayParams:
+    """Replay-buffer settings (defaults live in spear/config.py, section ``replay``)."""
+
+    capacity: int  # B: trigger threshold unit
+    history_size: int  # H: max number of stored group statistics
+    tolerate_steps: int  # max age (current step - collection step) of a stored sample
+    trigger_ratio: float  # ready iff eligible > trigger_ratio * capacity (strict)
+    sample_size: int  # samples drawn per consumption (no power-of-two rounding)
+    sampling: Sampling
+    recalibration: Recalibration
+    normalize_by_std: bool  # median mode: divide by (s50 + std_eps)
+    std_eps: float
+    keep: Keep
+    decay_weight: float  # decay mode: A = decay_weight * A_collected
+    consume: Consume
+
+    def __post_init__(self) -> None:
+        _require_int("capacity", self.capacity, 1)
+        _require_int("history_size", self.history_size, 1)
+        _require_int("tolerate_steps", self.tolerate_steps, 0)
+        _require_int("sample_size", self.sample_size, 1)
+        ratio = self.trigger_ratio
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not 0 < ratio < math.inf
+        ):
+            raise ValueError(
+                f"ReplayParams.trigger_ratio must be a finite number > 0, got {ratio!r}"
+            )
+        _require_choice("sampling", self.sampling, ("uniform", "prioritized"))
+        _require_choice("recalibration", self.recalibration, ("median", "decay"))
+        _require_choice("keep", self.keep, ("positive", "non_negative"))
+        _require_choice("consume", self.consume, ("clear", "sliding"))
+        if not isinstance(self.normalize_by_std, bool):
+            raise ValueError(
+                f"ReplayParams.normalize_by_std must be a bool, got {self.normalize_by_std!r}"
+            )
+        eps = self.std_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"ReplayParams.std_eps must be a finite number > 0, got {eps!r}")
+        w = self.decay_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+            raise ValueError(f"ReplayParams.decay_weight must be in (0, 1], got {w!r}")
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def group_baseline_stats(
+    scores: Tensor, group_ids: Tensor, episode_ids: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group mean and std of episode scores.
+
+    ``scores`` [N] float, ``group_ids`` [N] long, ``episode_ids`` [N] long (one entry per sample).
+    An episode's score is the mean of its samples' scores; a group's mean / std are taken over
+    its episodes (std unbiased, ddof=1; 0 for a single-episode group).
+    Returns ``(group_ids [G], means [G], stds [G])`` in ascending group id, float64.
+    """
+    if scores.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.long), empty, empty.clone()
+    scores = scores.to(torch.float64)
+    eps_ids, ep_of_sample = torch.unique(episode_ids, return_inverse=True)  # [E], [N]
+    n_eps = eps_ids.numel()
+    ep_count = torch.bincount(ep_of_sample, minlength=n_eps).to(torch.float64)  # [E]
+    ep_score = (
+        torch.zeros(n_eps, dtype=torch.float64).index_add_(0, ep_of_sample, scores) / ep_count
+    )
+    ep_group = torch.zeros(n_eps, dtype=torch.long).scatter_(0, ep_of_sample, group_ids)  # [E]
+    if not torch.equal(ep_group[ep_of_sample], group_ids):
+        raise ValueError("samples of one episode_id carry different group_ids")
+    gids, grp_of_ep = torch.unique(ep_group, return_inverse=True)  # [G], [E]
+    n_grp = gids.numel()
+    count = torch.bincount(grp_of_ep, minlength=n_grp).to(torch.float64)  # [G]
+    mean = torch.zeros(n_grp, dtype=torch.float64).index_add_(0, grp_of_ep, ep_score) / count
+    sq = (ep_score - mean[grp_of_ep]) ** 2  # [E]
+    ss = torch.zeros(n_grp, dtype=torch.float64).index_add_(0, grp_of_ep, sq)
+    var = torch.where(count > 1, ss / (count - 1).clamp(min=1.0), torch.zeros_like(ss))
+    return gids, mean, var.sqrt()
+
+
+def median(values: Tensor) -> float:
+    """50th percentile with linear interpolation (numpy's default); NaN for an empty tensor."""
+    if values.numel() == 0:
+        return math.nan
+    return float(torch.quantile(values.to(torch.float64), 0.5).item())
+
+
+def recalibrate_median(
+    scores: Tensor, p50: float, s50: float, *, normalize_by_std: bool, std_eps: float
+) -> Tensor:
+    """``A = R - p50`` (or ``(R - p50) / (s50 + std_eps)``); ``scores`` [N] -> [N] float64."""
+    adv = scores.to(torch.float64) - p50
+    return adv / (s50 + std_eps) if normalize_by_std else adv
+
+
+def keep_mask(advantages: Tensor, keep: Keep) -> Tensor:
+    """[N] bool: ``A > 0`` for ``"positive"``, ``A >= 0`` for ``"non_negative"``."""
+    return advantages > 0 if keep == "positive" else advantages >= 0
+
+
+def draw_indices(
+    priorities: Tensor, k: int, sampling: Sampling, generator: torch.Generator
+) -> Tensor:
+    """Draw ``min(k, n)`` distinct indices of ``priorities`` [n]; returns them sorted ascending.
+
+    ``uniform`` ignores the priorities. ``prioritized`` draws proportionally to the (non-negative)
+    priorities without replacement; zero-priority items are drawn uniformly only once every
+    positive one has been taken. Equal priorities are fine.
+    """
+    n = priorities.numel()
+    if k >= n:
+        return torch.arange(n)
+    if sampling == "uniform":
+        return torch.randperm(n, generator=generator)[:k].sort().values
+    weights = priorities.to(torch.float64).clamp(min=0.0)
+    positive = (weights > 0).nonzero().squeeze(1)  # [P]
+    if positive.numel() >= k:
+        picked = torch.multinomial(weights, k, replacement=False, generator=generator)
+    else:
+        zeros = (weights <= 0).nonzero().squeeze(1)
+        extra = zeros[torch.randperm(zeros.numel(), generator=generator)[: k - positive.numel()]]
+        picked = torch.cat([positive, extra])
+    return picked.sort().values
+
+
+# ------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True, slots=True)
+class AddReport:
+    """What one ``add`` did."""
+
+    offered: int  # samples passed in
+    stored: int  # samples stored (positive advantage, unfiltered, non-empty response)
+    groups_recorded: int  # group statistics appended to the baseline history
+    history_evicted: int  # group statistics dropped to stay within history_size
+    evicted_stale: int  # stored samples dropped for staleness
+    size: int  # stored samples afterwards
+    history_groups: int  # group statistics kept afterwards
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            f"add_{k}" if k in ("offered", "stored") else k: float(v)
+            for k, v in asdict(self).items()
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayBatch:
+    """Samples drawn for one SIL update (advantages recalibrated) and how they were chosen.
+
+    ``p50`` / ``s50`` are NaN when no baseline history exists; ``mean_staleness`` (current step
+    minus collection step, averaged over the drawn samples) is NaN when nothing was drawn.
+    """
+
+    samples: list[Sample]
+    p50: float
+    s50: float
+    n_before: int  # stored samples after staleness eviction, before recalibration
+    n_after_recalibration: int
+    n_sampled: int
+    mean_staleness: float
+    evicted_stale: int
+
+    def stats_metrics(self) -> dict[str, float]:
+        adv = [s.advantage for s in self.samples]
+        return {
+            "p50": self.p50,
+            "s50": self.s50,
+            "n_before": float(self.n_before),
+            "n_after_recalibration": float(self.n_after_recalibration),
+            "n_sampled": float(self.n_sampled),
+            "mean_staleness": self.mean_staleness,
+            "consume_evicted_stale": float(self.evicted_stale),
+            "replay_adv_mean": sum(adv) / len(adv) if adv else math.nan,
+        }
+
+
+def _compact(sample: Sample, step: int) -> Sample:
+    """A CPU copy of ``sample`` with int32 ids, bool mask, float32 log-probs and ``step``."""
+    ids = sample.input_ids.detach()
+    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(
+            f"Sample.input_ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}"
+        )
+    for name in ("loss_mask", "behavior_logprobs"):
+        shape = tuple(getattr(sample, name).shape)
+        if shape != tuple(ids.shape):
+            raise ValueError(
+                f"Sample.{name} has shape {shape}, expected {tuple(ids.shape)} like input_ids"
+            )
+    if ids.numel() and (int(ids.max()) >= 2**31 or int(ids.min()) < 0):
+        raise ValueError("Sample.input_ids must lie in [0, 2**31) to be stored as int32")
+    return replace(
+        sample,
+        input_ids=ids.to("cpu", torch.int32, copy=True),
+        loss_mask=sample.loss_mask.detach().to("cpu", torch.bool, copy=True),
+        behavior_logprobs=sample.behavior_logprobs.detach().to("cpu", torch.float32, copy=True),
+        step=step,
+    )
+
+
+# ------------------------------------------------------------------------------ the buffer
+
+
+class ReplayBuffer:
+    """The SIL buffer; see the module docstring for the semantics."""
+
+    def __init__(self, params: ReplayParams, seed: int) -> None:
+        if not isinstance(params, ReplayParams):
+            raise TypeError(f"params must be ReplayParams, got {type(params).__name__}")
+        self.params = params
+        self._items: list[Sample] = []
+        self._hist_means = torch.zeros(0, dtype=torch.float64)
+        self._hist_stds = torch.zeros(0, dtype=torch.float64)
+        self._last_step: int | None = None
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self._totals = {
+            "added": 0,
+            "consumed": 0,
+            "consumes": 0,
+            "evicted_stale": 0,
+            "discarded": 0,
+        }
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    # ---- steps and staleness
+    def _check_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if self._last_step is not None and step < self._last_step:
+            raise ValueError(
+                f"step {step} is older than the last step the buffer saw ({self._last_step})"
+            )
+
+    def _is_fresh(self, sample: Sample, step: int) -> bool:
+        return step - sample.step <= self.params.tolerate_steps
+
+    def _evict_stale(self, step: int) -> int:
+        fresh = [s for s in self._items if self._is_fresh(s, step)]
+        evicted = len(self._items) - len(fresh)
+        self._items = fresh
+        self._totals["evicted_stale"] += evicted
+        return evicted
+
+    # ---- add
+    def add(self, samples: Sequence[Sample], step: int) -> AddReport:
+        """Record baseline statistics of ``samples`` (all of them) and store the promising ones.
+
+        Call once per training step, after the update. A sample is stored iff its
+        ``advantage > 0``, it carries no response filter and it has a response token. The buffer
+        is left unchanged when the input is rejected.
+        """
+        self._check_step(step)
+        scores = torch.tensor([s.score for s in samples], dtype=torch.float64)
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"add(step={step}): every Sample.score must be finite")
+        _, means, stds = group_baseline_stats(
+            scores,
+            torch.tensor([s.group_id for s in samples], dtype=torch.long),
+            torch.tensor([s.episode_id for s in samples], dtype=torch.long),
+        )
+        keep = [
+            _compact(s, step)
+            for s in samples
+            if s.advantage > 0 and not s.is_filtered and s.num_response_tokens > 0
+        ]
+        history_evicted = max(
+            0, self.history_groups + int(means.numel()) - self.params.history_size
+        )
+        self._hist_means = torch.cat([self._hist_means, means])[history_evicted:]
+        self._hist_stds = torch.cat([self._hist_stds, stds])[history_evicted:]
+        evicted = self._evict_stale(step)
+        self._items.extend(keep)
+        self._totals["added"] += len(keep)
+        self._last_step = step
+        return AddReport(
+            offered=len(samples),
+            stored=len(keep),
+            groups_recorded=int(means.numel()),
+            history_evicted=history_evicted,
+            evicted_stale=evicted,
+            size=len(self._items),
+            history_groups=self.history_groups,
+        )
+
+    @property
+    def history_groups(self) -> int:
+        return int(self._hist_means.numel())
+
+    # ---- recalibration, trigger
+    def baseline(self) -> tuple[float, float]:
+        """``(p50, s50)``: medians of the kept group means and stds (NaN without history)."""
+        return median(self._hist_means), median(self._hist_stds)
+
+    def _recalibrate(self, items: list[Sample], p50: float, s50: float) -> tuple[Tensor, Tensor]:
+        """Recalibrated advantages [n] float64 and the keep mask [n] bool of ``items``."""
+        p = self.params
+        if p.recalibration == "median":
+            scores = torch.tensor([s.score for s in items], dtype=torch.float64)
+            adv = recalibrate_median(
+                scores, p50, s50, normalize_by_std=p.normalize_by_std, std_eps=p.std_eps
+            )
+        else:
+            adv = p.decay_weight * torch.tensor([s.advantage for s in items], dtype=torch.float64)
+        return adv, keep_mask(adv, p.keep)
+
+    def eligible_count(self, step: int) -> int:
+        """Stored samples, fresh at ``step``, that would survive recalibration (no mutation)."""
+        self._check_step(step)
+        fresh = [s for s in self._items if self._is_fresh(s, step)]
+        if not fresh:
+            return 0
+        _, kept = self._recalibrate(fresh, *self.baseline())
+        return int(kept.sum())
+
+    def ready(self, step: int) -> bool:
+        """Strictly more than ``trigger_ratio * capacity`` eligible samples (B=2048: 3073 triggers)."""
+        return self.eligible_count(step) > self.params.trigger_ratio * self.params.capacity
+
+    # ---- consumption
+    def consume(self, step: int) -> ReplayBatch:
+        """Evict stale samples, recalibrate, draw up to ``sample_size``; clear or slide.
+
+        Never fails because recalibration dropped samples; an empty buffer gives an empty batch.
+        """
+        self._check_step(step)
+        evicted = self._evict_stale(step)
+        items = self._items
+        p50, s50 = self.baseline()
+        adv, kept = (
+            self._recalibrate(items, p50, s50)
+            if items
+            else (torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+        )
+        candidates = kept.nonzero().squeeze(1)  # [M] positions into items
+        picked = candidates[
+            draw_indices(adv[candidates], self.params.sample_size, self.params.sampling, self._gen)
+        ]
+        out = [
+            replace(items[i], input_ids=items[i].input_ids.to(torch.long), advantage=float(adv[i]))
+            for i in picked.tolist()
+        ]
+        if self.params.consume == "clear":
+            self._items = []
+            self._totals["discarded"] += len(items) - len(out)
+        else:
+            taken = set(picked.tolist())
+            self._items = [s for i, s in enumerate(items) if i not in taken]
+        self._totals["consumed"] += len(out)
+        self._totals["consumes"] += 1
+        self._last_step = step
+        staleness = [step - s.step for s in out]
+        return ReplayBatch(
+            samples=out,
+            p50=p50,
+            s50=s50,
+            n_before=len(items),
+            n_after_recalibration=int(candidates.numel()),
+            n_sampled=len(out),
+            mean_staleness=sum(staleness) / len(staleness) if staleness else math.nan,
+            evicted_stale=evicted,
+        )
+
+    # ---- introspection
+    def nbytes(self) -> int:
+        """Bytes of the storages held by the stored samples' tensors (each sample owns its own)."""
+        return sum(
+            getattr(s, name).untyped_storage().nbytes()
+            for s in self._items
+            for name in _TENSOR_FIELDS
+        )
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """Flat buffer metrics: size, eligible count at ``step``, history, running totals."""
+        out = {
+            "size": float(len(self._items)),
+            "eligible": float(self.eligible_count(step)),
+            "history_groups": float(self.history_groups),
+            "bytes": float(self.nbytes()),
+        }
+        out.update({f"total_{k}": float(v) for k, v in self._totals.items()})
+        return out
+
+    # ---- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (tensors and plain Python; ``torch.save``-able)."""
+        items = self._items
+        return {
+            "format": _STATE_FORMAT,
+            "params": asdict(self.params),
+            "lengths": torch.tensor([s.num_tokens for s in items], dtype=torch.long),
+            **{
+                name: torch.cat([getattr(s, name) for s in items]) if items else _empty_field(name)
+                for name in _TENSOR_FIELDS
+            },
+            "scalars": {name: [getattr(s, name) for s in items] for name in _SCALAR_FIELDS},
+            "hist_means": self._hist_means.clone(),
+            "hist_stds": self._hist_stds.clone(),
+            "last_step": self._last_step,
+            "generator": self._gen.get_state(),
+            "totals": dict(self._totals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises ``ValueError`` on a malformed state."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"replay state has format {state.get('format')!r}; expected {_STATE_FORMAT}"
+            )
+        missing = [
+            k
+            for k in (
+                "lengths",
+                *_TENSOR_FIELDS,
+                "scalars",
+                "hist_means",
+                "hist_stds",
+                "last_step",
+                "generator",
+                "totals",
+            )
+            if k not in state
+        ]
+        if missing:
+            raise ValueError(f"replay state lacks {', '.join(missing)}")
+        if state.get("params") != asdict(self.params):
+            log.warning(
+                "restoring a replay buffer saved with different parameters: %s", state.get("params")
+            )
+        lengths = state["lengths"].tolist()
+        split = {
+            name: torch.split(state[name], lengths) if lengths else () for name in _TENSOR_FIELDS
+        }
+        scalars = state["scalars"]
+        self._items = [
+            _sample_from_state(
+                {name: split[name][i] for name in _TENSOR_FIELDS},
+                {name: scalars[name][i] for name in _SCALAR_FIELDS},
+            )
+            for i in range(len(lengths))
+        ]
+        self._hist_means = state["hist_means"].to(torch.float64).clone()
+        self._hist_stds = state["hist_stds"].to(torch.float64).clone()
+        self._last_step = state["last_step"]
+        self._gen.set_state(state["generator"])
+        self._totals = {k: int(state["totals"].get(k, 0)) for k in self._totals}
+
+
+def _empty_field(name: str) -> Tensor:
+    dtype = {"input_ids": torch.int32, "loss_mask": torch.bool, "behavior_logprobs": torch.float32}[
+        name
+    ]
+    return torch.zeros(0, dtype=dtype)
+
+
+def _sample_from_state(tensors: dict[str, Tensor], scalars: dict[str, Any]) -> Sample:
+    return Sample(
+        input_ids=tensors["input_ids"].to(torch.int32).clone(),
+        loss_mask=tensors["loss_mask"].to(torch.bool).clone(),
+        behavior_logprobs=tensors["behavior_logprobs"].to(torch.float32).clone(),
+        **{**scalars, "filtered_by": tuple(scalars["filtered_by"])},
+    )

@@ -1,0 +1,113 @@
+"""End-to-end trainer behaviour on a very small built-in model (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spear.config import DEFAULT_RUN_CONFIG, load_config
+from spear.metrics import read_metrics
+from spear.trainer import Trainer
+
+TINY = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+    "model.warm_start.num_demos=64", "model.warm_start.steps=5", "model.warm_start.batch_size=16",
+    "rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.max_turns=2", "rollout.max_new_tokens=16",
+    "rollout.max_response_tokens=32", "optim.micro_batch_size=4", "eval.num_tasks=4", "eval.every=2",
+    "replay.capacity=2", "replay.trigger_ratio=0.5", "trainer.save_every=2", "logging.tensorboard=false",
+    "logging.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("spear-cache")
+
+
+def _cfg(cache_dir: Path, run_dir: Path, *extra: str):
+    return load_config(file=DEFAULT_RUN_CONFIG, overrides=[*TINY, f"model.cache_dir={cache_dir}", f"trainer.run_dir={run_dir}", *extra])
+
+
+def _run(cfg, run_dir: Path, *, resume: bool = False) -> tuple[Trainer, dict[str, float]]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = Trainer(cfg, run_dir, resume=resume)
+    last = t.fit()
+    t.close()
+    return t, last
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+
+
+def test_training_changes_parameters_and_logs(cache_dir, tmp_path):
+    cfg = _cfg(cache_dir, tmp_path / "run", "trainer.steps=2")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    t = Trainer(cfg, run_dir)
+    before = [p.detach().clone() for p in t.c.policy.model.parameters()]
+    m = t.train_step()
+    after = list(t.c.policy.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    for key in ("train/success", "actor/entropy", "replay/sil_weight", "reward/tool_factor", "time/rollout"):
+        assert key in m and math.isfinite(m[key]), key
+    t.close()
+
+
+def test_seeded_runs_are_identical(cache_dir, tmp_path):
+    a = _cfg(cache_dir, tmp_path / "a", "trainer.steps=3")
+    b = _cfg(cache_dir, tmp_path / "b", "trainer.steps=3")
+    ta, _ = _run(a, tmp_path / "a")
+    tb, _ = _run(b, tmp_path / "b")
+    assert _comparable(read_metrics(tmp_path / "a" / "metrics.jsonl")) == _comparable(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    for p, q in zip(ta.c.policy.model.parameters(), tb.c.policy.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_equals_uninterrupted(cache_dir, tmp_path):
+    full, _ = _run(_cfg(cache_dir, tmp_path / "full", "trainer.steps=4"), tmp_path / "full")
+    _run(_cfg(cache_dir, tmp_path / "part", "trainer.steps=2"), tmp_path / "part")
+    resumed, _ = _run(_cfg(cache_dir, tmp_path / "part", "trainer.steps=4"), tmp_path / "part", resume=True)
+    assert resumed.step == 4
+    rows_full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    rows_part = _comparable(read_metrics(tmp_path / "part" / "metrics.jsonl"))
+    assert rows_part == rows_full
+    for p, q in zip(full.c.policy.model.parameters(), resumed.c.policy.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_nonfinite_loss_skips_the_update(cache_dir, tmp_path, monkeypatch):
+    cfg = _cfg(cache_dir, tmp_path / "nan", "trainer.steps=1")
+    (tmp_path / "nan").mkdir()
+    t = Trainer(cfg, tmp_path / "nan")
+    import spear.update as upd
+
+    real = upd.AGGREGATIONS.get
+
+    def poisoned(name):
+        fn = real(name)
+        return lambda v, m, n: fn(v, m, n) * torch.tensor(float("nan"))
+
+    monkeypatch.setattr(upd.AGGREGATIONS, "get", poisoned)
+    before = [p.detach().clone() for p in t.c.policy.model.parameters()]
+    m = t.train_step()
+    assert m["actor/skipped_nonfinite"] >= 1 and m["actor/optimizer_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, t.c.policy.model.parameters()))
+    t.close()
+
+
+def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
+    cfg = _cfg(cache_dir, tmp_path / "int", "trainer.steps=5", "trainer.save_every=0")
+    (tmp_path / "int").mkdir()
+    t = Trainer(cfg, tmp_path / "int")
+
+    def interrupt(step, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(on_step=interrupt)
+    t.close()
+    assert (tmp_path / "int" / "checkpoints" / "step_000001" / "trainer_state.pt").exists()
