@@ -166,7 +166,7 @@ class ShardedPolicy(Policy):
 
 def _layer_class_names(lm: nn.Module) -> set[str]:
     """Decoder-layer classes to shard one by one (Hugging Face's ``_no_split_modules``)."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = getattr(lm, "get_base_model", lambda: lm)()
     names = getattr(base, "_no_split_modules", None) or []
     return set(names)
 
@@ -191,7 +191,10 @@ def shard_policy(
     fully_shard(root, mesh=mesh)
     for module in root.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # sum gradients: losses use global counts
+            # Sum gradients (losses are already normalised by global counts) with a plain SUM
+            # collective: gloo has no PREMUL_SUM, which a custom divide factor alone would use.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     optimizer, scheduler = make_optimizer([p for p in root.parameters() if p.requires_grad])
     root._view = Policy(lm, policy.tokenizer, policy.device, optimizer, scheduler)
     return ShardedPolicy(root, policy.tokenizer, policy.device, optimizer, scheduler)
@@ -204,18 +207,23 @@ def gather_full_state_dict(policy: ShardedPolicy) -> dict[str, Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(policy.model, options=options)
-    return {k.removeprefix("lm."): v for k, v in state.items()}
+    return {k.removeprefix("lm."): v for k, v in state.items() if isinstance(v, Tensor)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Data-parallel update
 
 
-def global_norm(mask: Tensor, max_response_len: int, group: Any = None) -> AggregationNorm:
-    """:class:`AggregationNorm` of the union of all ranks' ``mask [n, T]`` (counts all-reduced)."""
-    local = AggregationNorm.from_mask(mask, max_response_len)
-    counts = torch.stack([torch.as_tensor(local.num_tokens), torch.as_tensor(local.num_sequences)])
-    dist.all_reduce(counts, group=group)  # [2] float64: tokens, sequences
+def global_norm(
+    mask: Tensor, max_response_len: int, group: Any, device: torch.device
+) -> AggregationNorm:
+    """:class:`AggregationNorm` of the union of all ranks' ``mask [n, T]`` (counts all-reduced),
+    as 0-dim float64 tensors on ``device``."""
+    valid = mask > 0  # [n, T]
+    counts = torch.stack([valid.sum(), valid.any(dim=-1).sum()]).to(torch.float64)  # [2]
+    counts = counts.to(_comm_device(group))
+    dist.all_reduce(counts, group=group)  # tokens, sequences of all ranks
+    counts = counts.to(device)
     return AggregationNorm(counts[0], counts[1], max_response_len)
 
 
@@ -300,12 +308,7 @@ def _dp_optimizer_step(
     group: Any,
 ) -> bool:
     """One optimizer step on this rank's share ``local`` of a mini-batch; True if it stepped."""
-    norm = global_norm(local.loss_mask.to(_comm_device(group)), settings.max_response_len, group)
-    norm = AggregationNorm(
-        norm.num_tokens.to(policy.device),
-        norm.num_sequences.to(policy.device),
-        norm.max_response_len,
-    )
+    norm = global_norm(local.loss_mask, settings.max_response_len, group, policy.device)
     policy.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=policy.device)
     starts = list(range(0, local.num_rows, settings.micro_batch_size))

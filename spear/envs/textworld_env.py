@@ -34,10 +34,12 @@ to TextWorld's ``PddlEnv`` backend, which needs ``pip install 'textworld[pddl]'`
     env = TextWorldEnv(params, wrappers=alfworld_wrappers())
     messages, info = env.reset(tasks[0])
 
-Requirements: ``pip install alfworld 'textworld[pddl]'`` and ``alfworld-download``. ALFWorld's
-objective is read from the first observation ("Your task is to: ..."); its expert plan is not
-wired here, so :func:`walkthrough_demonstrations` covers generated TextWorld games only. Note that
-TextWorld >= 1.7 dropped Glulx (``.ulx``): the old ``.ulx`` ALFWorld release needs TextWorld < 1.7.
+Requirements: ``pip install alfworld 'textworld[pddl]'`` and ``alfworld-download``. ``PddlEnv``
+reports no objective and no score: the objective is read from the first observation ("Your task
+is to: ..."), ``info["score"]`` is 1 once won and ``info["max_score"]`` is 0. ``PddlEnv`` answers
+``policy_commands`` by re-planning, so :func:`walkthrough_demonstrations` should also work on
+ALFWorld games (untested). TextWorld >= 1.7 dropped Glulx (``.ulx``): the older ``.ulx`` ALFWorld
+release needs TextWorld < 1.7.
 """
 
 from __future__ import annotations
@@ -58,7 +60,6 @@ from spear.envs.textworld_games import (
     GameSpec,
     GenerationResult,
     game_spec,
-    read_objective,
     require_textworld,
     split_seeds,
 )
@@ -209,6 +210,7 @@ class TextWorldEnv:
         self._observation = ""  # what the model saw this turn
         self._anchor = ""  # last raw game observation (GiGPO anchor)
         self._history: list[tuple[str, str]] = []
+        self._steps = 0
         self._state: Any = None
 
     # -- protocol --------------------------------------------------------------------------
@@ -273,6 +275,13 @@ class TextWorldEnv:
         info = self._info(invalid=not valid, action=action)
         return StepResult(self._messages(), reward, terminated, truncated, info)
 
+    def format_turn_prompt(self, ctx: Any) -> list[Message]:
+        """Turn-layout hook of :func:`spear.rollout.loop.run_episodes` (``ctx``: its
+        ``TurnContext``): this env's observation already is the whole turn prompt (objective,
+        last k observation/action pairs, current observation, admissible actions), so the
+        prompt is the reset messages at turn 0 and the latest observation messages after."""
+        return list(ctx.first_messages if ctx.turn_index == 0 else ctx.observation)
+
     def close(self) -> None:
         if self._game is not None:
             try:
@@ -323,6 +332,15 @@ class TextWorldEnv:
 # --------------------------------------------------------------------------------------------
 # Task source
 # --------------------------------------------------------------------------------------------
+
+
+def read_objective(game_file: str | Path) -> str:
+    """The objective text stored in a generated game's ``.json`` ("" if absent)."""
+    meta = Path(game_file).with_suffix(".json")
+    try:
+        return str(json.loads(meta.read_text()).get("objective") or "")
+    except (OSError, ValueError):
+        return ""
 
 
 class TextWorldTasks:

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,39 +302,17 @@ class GameCache:
         return out
 
 
-class _progress:
+@contextlib.contextmanager
+def _progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
     """A rich progress bar (or nothing) exposing an ``advance()`` callable."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
 
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self._bar: Any = None
-        self._label, self._total, self._enabled = label, total, enabled
-        self._task: Any = None
-
-    def __enter__(self) -> Callable[[], None]:
-        if self._enabled:
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=False)
-            self._bar.start()
-            self._task = self._bar.add_task(self._label, total=self._total)
-        return self._advance
-
-    def _advance(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def read_objective(game_file: str | Path) -> str:
-    """The objective text stored in a generated game's ``.json`` ("" if absent)."""
-    meta = Path(game_file).with_suffix(".json")
-    try:
-        return str(json.loads(meta.read_text()).get("objective") or "")
-    except (OSError, ValueError):
-        return ""
+    with Progress() as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +394,8 @@ class ProcessEnvPool:
     error, a worker crash or a call timeout ends the affected episodes as failed
     (``terminated=True``, ``info["env_error"]``, ``info["success"] = False``), counts them in
     :attr:`stats`, and a dead or hung worker is restarted (every running episode it hosted is
-    lost and reported failed at its next step).
+    lost and reported failed at its next step). ``env_factory`` must be picklable with the
+    "spawn" start method (a top-level class or a ``functools.partial`` of one).
     """
 
     def __init__(self, env_factory: Callable[[], Any], params: PoolParams) -> None:

@@ -356,7 +356,8 @@ def _module_device(model: nn.Module) -> torch.device:
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward argument taking the KV cache: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (older releases)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    unwrap = getattr(model, "get_base_model", None)  # peft wrappers
+    base = unwrap() if callable(unwrap) else model
     try:
         names = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):

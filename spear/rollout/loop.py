@@ -193,14 +193,16 @@ def _reset_all(
         if res.error is not None:
             r.fail("reset", res.error, hung=res.hung)
             continue
-        messages, info = res.value
-        r.first = tuple(messages)
-        r.conversation = list(messages)
+        try:
+            messages, info = res.value
+            r.first = tuple(messages)
+            non_system = [m for m in r.first if m.get("role") != "system"]
+        except (TypeError, ValueError, AttributeError) as exc:
+            r.fail("reset", f"expected (messages, info), got {type(res.value).__name__}: {exc}")
+            continue
+        r.conversation = list(r.first)
         r.observation = r.first
-        r.anchor = _anchor(
-            info if isinstance(info, dict) else {},
-            [m for m in messages if m.get("role") != "system"],
-        )
+        r.anchor = _anchor(info if isinstance(info, dict) else {}, non_system)
 
 
 def _anchor(info: dict[str, Any], messages: Sequence[Message]) -> str:
@@ -264,6 +266,9 @@ def _record_step(r: _Run, res: StepResult, fmt: ChatFormat, params: LoopParams) 
     """Fold one step result into the run; return the turn's env reward."""
     info = res.info if isinstance(res.info, dict) else {}
     reward = float(res.reward)
+    if not math.isfinite(reward):
+        r.fail("step", f"non-finite reward {reward}")
+        return 0.0
     r.reward += reward
     r.tool_calls += _count(info, "tool_calls")
     r.invalid += _count(info, "invalid_tool_calls") + int(bool(info.get("invalid_action")))
@@ -273,7 +278,9 @@ def _record_step(r: _Run, res: StepResult, fmt: ChatFormat, params: LoopParams) 
     r.success = bool(info.get("success", False))
     has_answer, answer = _final_answer(info)
     r.final_answer = answer if has_answer else r.final_answer
-    if res.terminated or res.truncated:
+    if info.get("env_error"):  # an env wrapper (worker pool) that reports its crash in info
+        r.fail("step", str(info["env_error"]))
+    elif res.terminated or res.truncated:
         r.end = EndReason.ANSWER if has_answer else EndReason.TERMINATED
         r.info["truncated"] = bool(res.truncated and not res.terminated)
     elif r.turns >= params.max_turns:
@@ -435,8 +442,8 @@ def run_episodes(
             for (r, _), gen in zip(batch, gens):
                 _apply_generation(r, gen, fmt, params)
             _step_all([r for r, _ in batch], fmt, params, pool, step)
-        _close_all(runs, pool, params.env_step_timeout_s)
     finally:
+        _close_all(runs, pool, params.env_step_timeout_s)
         if executor is None:
             pool.shutdown(wait=False, cancel_futures=True)
     return [_episode(r, params, step) for r in runs]

@@ -6,6 +6,7 @@ import os
 import random
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -129,6 +130,18 @@ def test_invalid_action_feedback() -> None:
         "No action was executed: 'dance' is not an admissible action.\n-= Hall =-"
     )
     assert invalid_action_feedback(None, "obs").startswith("No action was executed: put one")
+
+
+def test_format_turn_prompt_uses_the_env_observation_as_the_whole_prompt() -> None:
+    # The agent loop's turn-layout hook: turn 0 shows the reset messages, later turns the latest
+    # observation (which already holds objective, history and admissible actions).
+    env = TextWorldEnv(PARAMS)
+    first = ({"role": "user", "content": "prompt 1"},)
+    later = ({"role": "user", "content": "prompt 3"},)
+    ctx0 = SimpleNamespace(first_messages=first, observation=first, turn_index=0, history=())
+    ctx2 = SimpleNamespace(first_messages=first, observation=later, turn_index=2, history=())
+    assert env.format_turn_prompt(ctx0) == [{"role": "user", "content": "prompt 1"}]
+    assert env.format_turn_prompt(ctx2) == [{"role": "user", "content": "prompt 3"}]
 
 
 def test_params_validation() -> None:

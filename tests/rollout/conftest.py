@@ -183,12 +183,13 @@ class ScriptedEngine:
 class EnvScript:
     """What a :class:`ScriptedEnv` does: it answers turn k (0-based) with a tool message
     ``f"result {k}"`` and reward ``rewards[k]``; it terminates after ``answer_turn`` turns with
-    a final answer; ``raise_at`` / ``hang_at`` make step k raise / block; ``obs_chars`` pads
+    a final answer; ``raise_at`` / ``hang_at`` make step k raise / block, ``info_error_at`` report a crash; ``obs_chars`` pads
     observations; ``anchors`` adds ``info["anchor"]``."""
 
     answer_turn: int | None = 2
     rewards: tuple[float, ...] = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     raise_at: int | None = None
+    info_error_at: int | None = None  # step k reports a crash in info["env_error"], terminated
     raise_on_reset: bool = False
     hang_at: int | None = None
     obs_chars: int = 0
@@ -219,6 +220,8 @@ class ScriptedEnv:
         self.actions.append(action_text)
         if s.raise_at == k:
             raise RuntimeError(f"step {k} exploded")
+        if s.info_error_at == k:
+            return StepResult([], 0.0, terminated=True, info={"env_error": "worker lost"})
         if s.hang_at == k:
             self.release.wait(timeout=30)
         info: dict[str, Any] = {"tool_calls": 1, "invalid_tool_calls": k % 2, "tool_errors": 0}

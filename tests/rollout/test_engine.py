@@ -234,3 +234,25 @@ def test_bad_prompts_are_rejected_with_the_index(model, tokenizer) -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         HFEngine(model, tokenizer, max_batch_size=0)
     assert engine.generate([], sampling(2)) == []
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_is_seeded_and_matches_a_forward_pass(tokenizer) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from tests.rollout.conftest import build_model
+
+    model = build_model(len(tokenizer), seed=0).cuda()
+    engine = HFEngine(model, tokenizer)  # device taken from the model
+    prompts, params = _prompts(tokenizer), sampling(8)
+    a = engine.generate(prompts, params, generator=torch.Generator().manual_seed(1))
+    b = engine.generate(prompts, params, generator=torch.Generator().manual_seed(1))
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    for prompt, g in zip(prompts, a):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + g.token_ids], device="cuda")).logits[0].float()
+        n = len(prompt)
+        ref = torch.log_softmax(logits, -1)[
+            torch.arange(n - 1, n - 1 + len(g.token_ids)), g.token_ids
+        ]
+        assert torch.allclose(torch.tensor(g.logprobs), ref.cpu(), atol=1e-4)

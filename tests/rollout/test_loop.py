@@ -327,26 +327,26 @@ def test_empty_and_undecodable_generations_do_not_raise(tokenizer, env_factory) 
 
 def test_failing_envs_end_only_their_episode(tokenizer, env_factory) -> None:
     fmt = ChatFormat(tokenizer, None)
-    engine = ScriptedEngine(lambda c, i, p: fmt.encode("ok") + fmt.eot_ids)
+    engine = ScriptedEngine(lambda c, i, p: [*fmt.encode("ok"), *fmt.eot_ids])
     scripts = [
         EnvScript(),
         EnvScript(raise_at=1, answer_turn=None),
         EnvScript(raise_on_reset=True),
-        None,
+        None,  # make_env raises
+        EnvScript(info_error_at=0),
+        EnvScript(rewards=(float("nan"),)),
     ]
-    episodes = run(engine, tokenizer, env_factory(lambda k: scripts[k]), loop_params())
-    ok, step_err, reset_err, make_err = episodes
+    tasks = [*TASKS, Task(task_id="t2", prompt="Open the door.")]
+    episodes = run(engine, tokenizer, env_factory(lambda k: scripts[k]), loop_params(), tasks=tasks)
+    ok, step_err, reset_err, make_err, info_err, nan_err = episodes
     assert ok.end_reason == EndReason.ANSWER and ok.success
-    assert (step_err.end_reason, step_err.num_turns, step_err.success) == (
-        EndReason.ENV_ERROR,
-        2,
-        False,
-    )
-    assert "step 1 exploded" in step_err.info["env_error"]
-    assert step_err.samples[0].num_response_tokens == 2 * len(fmt.encode("ok") + fmt.eot_ids)
-    assert (reset_err.end_reason, reset_err.samples) == (EndReason.ENV_ERROR, [])
-    assert "reset exploded" in reset_err.info["env_error"]
+    assert all(e.end_reason == EndReason.ENV_ERROR and not e.success for e in episodes[1:])
+    assert step_err.num_turns == 2 and "step 1 exploded" in step_err.info["env_error"]
+    assert step_err.samples[0].num_response_tokens == 2 * len([*fmt.encode("ok"), *fmt.eot_ids])
+    assert reset_err.samples == [] and "reset exploded" in reset_err.info["env_error"]
     assert "cannot make env" in make_err.info["env_error"]
+    assert "worker lost" in info_err.info["env_error"]
+    assert "non-finite reward" in nan_err.info["env_error"] and nan_err.outcome_reward == 0.0
 
 
 def test_hanging_env_times_out_and_is_not_closed(tokenizer, env_factory) -> None:
@@ -401,3 +401,52 @@ def test_summarize_and_evaluate(tokenizer, env_factory) -> None:
         4, 0.5, 0.5, 1.5, 0.5, 0.5, 4.5, {"answer": 0.5, "env_error": 0.5}
     )
     assert summary.as_metrics("eval")["eval/end_answer"] == 0.5
+
+
+def test_an_engine_failure_propagates_and_still_closes_the_envs(tokenizer, env_factory) -> None:
+    def boom(c: int, i: int, p: list[int]) -> list[int]:
+        raise RuntimeError("engine down")
+
+    factory = env_factory(EnvScript())
+    with pytest.raises(RuntimeError, match="engine down"):
+        run(ScriptedEngine(boom), tokenizer, factory, loop_params())
+    assert len(factory.envs) == 4 and all(env.closed for env in factory.envs)
+
+
+def test_env_supplied_turn_prompt_and_truncation(tokenizer, env_factory) -> None:
+    fmt = ChatFormat(tokenizer, None)
+    engine = ScriptedEngine(lambda c, i, p: [*fmt.encode("go"), *fmt.eot_ids])
+
+    class Formatting:
+        """Wraps a scripted env: its own turn prompt; truncates after the first step."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def reset(self, task: Task, *, seed: int | None = None) -> Any:
+            return self.inner.reset(task, seed=seed)
+
+        def step(self, text: str) -> Any:
+            res = self.inner.step(text)
+            res.truncated = True
+            return res
+
+        def close(self) -> None:
+            self.inner.close()
+
+        def format_turn_prompt(self, ctx: Any) -> list[Any]:
+            return [{"role": "user", "content": f"custom turn {ctx.turn_index}"}]
+
+    factory = env_factory(EnvScript(answer_turn=None))
+    (e,) = run(
+        engine,
+        tokenizer,
+        lambda: Formatting(factory()),
+        loop_params(layout="turn"),
+        tasks=TASKS[:1],
+        group_size=1,
+    )
+    first = tokenizer.decode(engine.calls[0][0][0])  # (after the system block listing the tools)
+    assert first.endswith("<|im_start|>user\ncustom turn 0<|im_end|>\n<|im_start|>assistant\n")
+    assert TASKS[0].prompt not in first
+    assert (e.end_reason, e.num_turns, e.info["truncated"]) == (EndReason.TERMINATED, 1, True)
