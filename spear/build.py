@@ -65,9 +65,10 @@ class Components:
 def build_policy(cfg: Config) -> Policy:
     device = resolve_device(cfg.trainer.device)
     if cfg.model.path is None:
-        from spear.models.warmstart import ensure_warm_model
+        from spear.models.warmstart import WarmStartParams, ensure_warm_model
 
-        path = ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), cfg)
+        params = WarmStartParams.from_config(cfg)
+        path = ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), params, cfg.model.warm_start.seed)
         model, tok = load_pretrained(str(path), None, cfg.model.dtype)
     else:
         model, tok = load_pretrained(cfg.model.path, cfg.model.tokenizer_path, cfg.model.dtype)

@@ -57,6 +57,7 @@ class WarmStartConfig(_Section):
     frac_tool: float = Field(0.35, ge=0, le=1)  # correct tool use
     frac_guess: float = Field(0.55, ge=0, le=1)  # no tool, guessed answer
     frac_bad_call: float = Field(0.10, ge=0, le=1)  # malformed or wrong calls
+    seed: int = 0  # the warm model is shared by runs of any trainer.seed (and cached once)
 
     @model_validator(mode="after")
     def _fractions(self) -> WarmStartConfig:
