@@ -54,7 +54,8 @@ def _generate(model, tok, prompts: list[list[int]], temperature: float, max_new:
         input_ids=ids, attention_mask=attn, max_new_tokens=max_new, top_k=None, top_p=None,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
     )
-    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=False)
+    return [t.split(tok.eos_token)[0].replace(tok.pad_token, "") for t in texts]
 
 
 def play(model, tok, source: ArithmeticTasks, tasks: list[Task], args) -> list[Episode]:
@@ -74,7 +75,7 @@ def play(model, tok, source: ArithmeticTasks, tasks: list[Task], args) -> list[E
                               args.temperature, args.max_new_tokens)
             for e, text in zip(chunk, texts):
                 e.turns += 1
-                e.calls += "<tool_call>" in text
+                e.calls += "<tool_call>" in text  # markup tokens survive decoding
                 e.messages.append({"role": "assistant", "content": text})
                 res = e.env.step(text)
                 e.messages.extend(res.messages)

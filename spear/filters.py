@@ -10,21 +10,28 @@ group's reward statistics, as in the reference. Each filter is a small predicate
   response-token budget) or ``CONTEXT`` (the next prompt would not fit).
 - ``incomplete``: the sample has no response token, or the episode has no final answer
   (``final_answer is None``) and the environment did not end it (``end_reason`` is not
-  ``TERMINATED``): e.g. it stopped at the turn cap while still calling tools, answered without an
-  extractable answer, or a tool/env crashed. Text games end through the env (``TERMINATED``) and
-  are complete; keep ``rollout.max_turns`` at or above the game's step limit or their failures
-  at the loop's cap count as incomplete.
+  ``TERMINATED``): e.g. it stopped at the turn cap while still calling tools, ended ``ANSWER``
+  without an extractable answer text, or a tool/env crashed. Text games end through the env
+  (``TERMINATED``) and are complete; keep ``rollout.max_turns`` at or above the game's step
+  limit or their failures at the loop's cap count as incomplete. The filter sees only the
+  Episode record: an env that ends an episode ``TERMINATED`` after an answer attempt with no
+  extractable answer is judged complete.
 - ``repetitive``: some ``ngram``-gram of the sample's response token ids (``loss_mask == 1``,
   turns concatenated) occurs at least ``ngram_repeats`` times (overlapping occurrences count).
 - ``unreadable``: the decoded response contains U+FFFD or a mojibake marker (§7.1).
 
 Episode-level conditions (overlong, incomplete) mark every sample of the episode (turn layout).
 
-Group filter: keep the ``floor(keep_ratio * #groups)`` groups (by ``group_id``) with the largest
-(``"std"``) or smallest (``"std_rev"``) reward std, ties broken by first appearance; whole groups
-are kept and nothing is truncated to a power of two (B12). The reward std uses the buffer's
-convention: episode score = mean of its samples' ``score``; unbiased (ddof=1) std over the
-group's episodes, 0 for a single-episode group.
+Group filter: keep the ``floor(keep_ratio * #groups)`` groups (at least one; by ``group_id``)
+with the largest (``"std"``) or smallest (``"std_rev"``) reward std, ties broken by first
+appearance; whole groups are kept and nothing is truncated to a power of two (B12). The reward
+std uses the buffer's convention: episode score = mean of its samples' ``score``; unbiased
+(ddof=1) std over the group's episodes, 0 for a single-episode group.
+
+Metrics say what each filter removed and why: ``filter/<name>`` (samples caught by that
+response filter), ``filter/response_filtered`` (samples caught by any), and for the group
+filter ``filter/groups_removed`` (for a low reward std), ``filter/zero_std_groups``,
+``filter/episodes_removed`` and ``filter/samples_removed``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from spear.types import EndReason, Episode, Sample
 GroupFilterKind = Literal["std", "std_rev"]
 
 OVERLONG_END_REASONS = frozenset({EndReason.MAX_TOKENS, EndReason.CONTEXT})
-# U+FFFD itself; its UTF-8 bytes read as Latin-1 ("ï¿½"); a fullwidth "？" read as cp1252 ("ï¼Ÿ").
+# U+FFFD itself; its UTF-8 bytes read as Latin-1 ("ï¿½"); a fullwidth "？" read as cp1252
+# ("ï¼Ÿ").
 # The reference's "ï¼" + U+FFFD contains U+FFFD and is covered by the first marker.
 UNREADABLE_MARKERS = ("\ufffd", "\u00ef\u00bf\u00bd", "\u00ef\u00bc\u0178")
 
@@ -84,8 +92,15 @@ def lacks_final_answer(episode: Episode) -> bool:
 
 
 def num_groups_kept(n_groups: int, keep_ratio: float) -> int:
-    """``floor(keep_ratio * n_groups)`` (with a 1e-9 guard against float error: 0.29*100 -> 29)."""
-    return min(n_groups, math.floor(keep_ratio * n_groups + 1e-9))
+    """``floor(keep_ratio * n_groups)``, at least 1 when there is a group.
+
+    A 1e-9 guard absorbs float error (0.29 * 100 -> 29, not 28). The floor at one group keeps a
+    step with fewer than ``1 / keep_ratio`` groups from losing all its data (the reference keeps
+    none); it never changes the result for ``n_groups >= 1 / keep_ratio``.
+    """
+    if n_groups <= 0:
+        return 0
+    return min(n_groups, max(1, math.floor(keep_ratio * n_groups + 1e-9)))
 
 
 def select_groups(stds: Tensor, n_keep: int, largest: bool) -> Tensor:
@@ -102,7 +117,7 @@ def select_groups(stds: Tensor, n_keep: int, largest: bool) -> Tensor:
 
 @dataclass(frozen=True, slots=True)
 class ResponseFilterParams:
-    """Enabled response filters and the repetition test (defaults in spear/config.py ``filters``)."""
+    """Enabled response filters and the repetition test (defaults: spear/config.py ``filters``)."""
 
     enabled: tuple[str, ...]  # names in RESPONSE_FILTERS
     ngram: int  # n of the repetition test

@@ -5,8 +5,12 @@ Lifecycle within training step ``t`` (the trainer's order):
 1. ``ready(t)`` / ``consume(t)`` -- on the buffer as step ``t - 1`` left it: if more than
    ``trigger_ratio * capacity`` stored samples would survive recalibration, recalibrate their
    advantages against the running median baseline and draw ``sample_size`` of them for the SIL
-   update. ``consume="clear"`` (the reference) then drops every stored sample; ``"sliding"``
-   removes only the drawn ones.
+   update. "Reaches the trigger" is strict, as in the reference and its worked values (§11):
+   with ``capacity=2048`` and ``trigger_ratio=1.5``, 3,072 eligible samples wait and 3,073
+   trigger. Draws are without replacement; ``sampling="prioritized"`` weighs them by their
+   recalibrated advantage. ``consume="clear"`` (the reference) then drops every stored sample;
+   ``"sliding"`` removes only the drawn ones. Dropped samples never make it fail: an empty
+   result is an empty :class:`ReplayBatch` (B1).
 2. ``add(samples, t)`` -- after the update, with the step's post-group-filter samples: record the
    per-group baseline statistics of ALL given samples (response-filtered ones included, as in the
    reference), then store the samples with ``advantage > 0``, no response filter and at least one
@@ -22,13 +26,22 @@ Recalibration (``recalibration="median"``): ``A = R - p50`` where ``R`` is the s
 interpolation) of all kept group means; with ``normalize_by_std``, ``A = (R - p50) / (s50 +
 std_eps)`` with ``s50`` the median of the kept group stds. ``keep="positive"`` keeps ``A > 0``,
 ``"non_negative"`` keeps ``A >= 0`` (B4). ``recalibration="decay"``: ``A = decay_weight *
-A_collected``. The estimator is a scalar baseline whatever advantage estimator produced the
-collected advantage: with GiGPO, replayed samples get no step-level term.
+A_collected``, no re-filtering.
+
+GiGPO: the median recalibration is a scalar, episode-level baseline whatever estimator produced
+the collected advantage, so replayed samples get the episode-level term only (GiGPO's
+step-level term is dropped, as in the reference). ``"decay"`` scales the advantage as it was
+collected, which for GiGPO still contains the step-level term; use ``"median"`` (the SPEAR
+setting) for episode-level-only replay.
 
 Staleness is measured against the current training step: a sample collected at step ``s`` is
 evicted once ``t - s > tolerate_steps`` (no silent cap). Stored samples keep their
-collection-time behaviour log-probs. Tensors are kept on the CPU compactly (token ids int32,
-masks bool, log-probs float32). All randomness comes from one seeded ``torch.Generator`` that is
+collection-time behaviour log-probs (the PPO ratio of the SIL update is a true importance
+ratio). Every stored tensor is a CPU copy with its own storage, whatever device the caller's
+tensors were on (meta tensors, which hold no data, are rejected), in compact dtypes: token ids
+int32, masks bool, log-probs float32 (9 bytes a token: 2,048 x 4,096 tokens take 72 MiB, see
+``benchmarks/replay_memory.md``). float32 keeps float32 / bfloat16 log-probs exactly; replayed
+samples come back with int64 ids. All randomness comes from one seeded ``torch.Generator`` that is
 part of ``state_dict()``, so a resumed run draws what an uninterrupted one would.
 """
 
@@ -54,6 +67,12 @@ Consume = Literal["clear", "sliding"]
 
 _STATE_FORMAT = 1
 _TENSOR_FIELDS = ("input_ids", "loss_mask", "behavior_logprobs")
+# Storage dtypes: 4 + 1 + 4 = 9 bytes per token (2,048 x 4,096 tokens = 72 MiB).
+_STORED_DTYPES = {
+    "input_ids": torch.int32,
+    "loss_mask": torch.bool,
+    "behavior_logprobs": torch.float32,
+}
 _SCALAR_FIELDS = tuple(f.name for f in fields(Sample) if f.name not in _TENSOR_FIELDS)
 
 
@@ -184,7 +203,7 @@ def draw_indices(
         return torch.arange(n)
     if sampling == "uniform":
         return torch.randperm(n, generator=generator)[:k].sort().values
-    weights = priorities.to(torch.float64).clamp(min=0.0)
+    weights = priorities.to(torch.float64).clamp(min=0.0)  # [n]
     positive = (weights > 0).nonzero().squeeze(1)  # [P]
     if positive.numel() >= k:
         picked = torch.multinomial(weights, k, replacement=False, generator=generator)
@@ -248,26 +267,56 @@ class ReplayBatch:
         }
 
 
+def _to_host(sample: Sample, name: str) -> Tensor:
+    """Tensor field ``name`` of ``sample``, detached, on the CPU (a view if it already is there).
+
+    A meta tensor has no data to copy and is rejected.
+    """
+    value = getattr(sample, name)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"Sample.{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise ValueError(
+            f"Sample.{name} is on the 'meta' device (no data); the replay buffer stores host "
+            "copies of real tensors"
+        )
+    return value.detach().to("cpu")
+
+
+def _owned(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of the 1-D CPU tensor ``value`` in ``dtype`` with its own storage.
+
+    Never a view of a larger (batch) tensor, so the buffer keeps nothing else alive.
+    """
+    return value.to(dtype=dtype, copy=True).contiguous()
+
+
 def _compact(sample: Sample, step: int) -> Sample:
-    """A CPU copy of ``sample`` with int32 ids, bool mask, float32 log-probs and ``step``."""
-    ids = sample.input_ids.detach()
-    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+    """A CPU copy of ``sample`` with int32 ids, bool mask, float32 log-probs and ``step``.
+
+    Every tensor is moved to the host first and validated there. Precision: ids are exact in
+    int32 (range checked), the 0/1 mask is exact in bool, and float32 holds float32, bfloat16
+    and float16 log-probs exactly (float64 ones are rounded to float32, the dtype in which the
+    update computes the PPO ratio).
+    """
+    ids, mask, logprobs = (_to_host(sample, name) for name in _TENSOR_FIELDS)  # [T] each
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(
             f"Sample.input_ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}"
         )
-    for name in ("loss_mask", "behavior_logprobs"):
-        shape = tuple(getattr(sample, name).shape)
-        if shape != tuple(ids.shape):
+    for name, value in (("loss_mask", mask), ("behavior_logprobs", logprobs)):
+        if value.shape != ids.shape:
             raise ValueError(
-                f"Sample.{name} has shape {shape}, expected {tuple(ids.shape)} like input_ids"
+                f"Sample.{name} has shape {tuple(value.shape)}, expected {tuple(ids.shape)} "
+                "like input_ids"
             )
     if ids.numel() and (int(ids.max()) >= 2**31 or int(ids.min()) < 0):
         raise ValueError("Sample.input_ids must lie in [0, 2**31) to be stored as int32")
     return replace(
         sample,
-        input_ids=ids.to("cpu", torch.int32, copy=True),
-        loss_mask=sample.loss_mask.detach().to("cpu", torch.bool, copy=True),
-        behavior_logprobs=sample.behavior_logprobs.detach().to("cpu", torch.float32, copy=True),
+        input_ids=_owned(ids, _STORED_DTYPES["input_ids"]),
+        loss_mask=_owned(mask, _STORED_DTYPES["loss_mask"]),
+        behavior_logprobs=_owned(logprobs, _STORED_DTYPES["behavior_logprobs"]),
         step=step,
     )
 
@@ -334,11 +383,8 @@ class ReplayBuffer:
             torch.tensor([s.group_id for s in samples], dtype=torch.long),
             torch.tensor([s.episode_id for s in samples], dtype=torch.long),
         )
-        keep = [
-            _compact(s, step)
-            for s in samples
-            if s.advantage > 0 and not s.is_filtered and s.num_response_tokens > 0
-        ]
+        copies = [_compact(s, step) for s in samples if s.advantage > 0 and not s.is_filtered]
+        keep = [s for s in copies if s.num_response_tokens > 0]  # counted on the host copy
         history_evicted = max(
             0, self.history_groups + int(means.numel()) - self.params.history_size
         )
@@ -389,7 +435,7 @@ class ReplayBuffer:
         return int(kept.sum())
 
     def ready(self, step: int) -> bool:
-        """Strictly more than ``trigger_ratio * capacity`` eligible samples (B=2048: 3073 triggers)."""
+        """Strictly more than ``trigger_ratio * capacity`` eligible samples (B=2048: 3073 do)."""
         return self.eligible_count(step) > self.params.trigger_ratio * self.params.capacity
 
     # ---- consumption
@@ -503,6 +549,7 @@ class ReplayBuffer:
                 "restoring a replay buffer saved with different parameters: %s", state.get("params")
             )
         lengths = state["lengths"].tolist()
+        _check_state_sizes(state, lengths)
         split = {
             name: torch.split(state[name], lengths) if lengths else () for name in _TENSOR_FIELDS
         }
@@ -521,11 +568,26 @@ class ReplayBuffer:
         self._totals = {k: int(state["totals"].get(k, 0)) for k in self._totals}
 
 
+def _check_state_sizes(state: dict[str, Any], lengths: list[int]) -> None:
+    """Raise ``ValueError`` unless the flat tensors and scalar lists match ``lengths``."""
+    total = sum(lengths)
+    for name in _TENSOR_FIELDS:
+        if int(state[name].numel()) != total:
+            raise ValueError(
+                f"replay state field {name!r} has {state[name].numel()} entries; the sample "
+                f"lengths add up to {total}"
+            )
+    scalars = state["scalars"]
+    for name in _SCALAR_FIELDS:
+        if len(scalars.get(name, ())) != len(lengths):
+            raise ValueError(
+                f"replay state scalar {name!r} has {len(scalars.get(name, ()))} entries; "
+                f"expected {len(lengths)} (one per stored sample)"
+            )
+
+
 def _empty_field(name: str) -> Tensor:
-    dtype = {"input_ids": torch.int32, "loss_mask": torch.bool, "behavior_logprobs": torch.float32}[
-        name
-    ]
-    return torch.zeros(0, dtype=dtype)
+    return torch.zeros(0, dtype=_STORED_DTYPES[name])
 
 
 def _sample_from_state(tensors: dict[str, Tensor], scalars: dict[str, Any]) -> Sample:

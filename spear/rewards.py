@@ -1,4 +1,4 @@
-"""Reward assembly: outcome reward + intrinsic tool-call bonus - invalid-call penalty (reference §6).
+"""Reward assembly: outcome + intrinsic tool-call bonus - invalid-call penalty (reference §6).
 
 The intrinsic bonus of an episode at training step ``t`` is
 
@@ -9,7 +9,8 @@ with ``phi`` a :class:`~spear.schedules.Schedule` (the reference's modes map to 
 counts as a call is configurable: ``"tool_calls"`` = parsed, valid tool calls
 (``Episode.num_tool_calls``, the reference's math setting) or ``"turns"`` = environment turns
 (``Episode.num_turns``, the reference's ALFWorld setting, invalid turns included). The bonus is
-added whether or not the episode succeeded, as in the reference.
+added whether or not the episode succeeded, as in the reference. ``phi(t)`` must be finite and
+>= 0 (the reference floors it at 0); a schedule that goes negative is reported, not clipped.
 
 The optional penalty is ``invalid_penalty * Episode.num_invalid_tool_calls`` (environments report
 invalid actions / malformed calls there). Every sample of an episode gets the same outcome, bonus,
@@ -43,7 +44,7 @@ def _finite_non_negative(name: str, value: object) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ToolBonus:
-    """Settings of the intrinsic tool-call reward (defaults in spear/config.py, ``reward.tool_bonus``)."""
+    """Intrinsic tool-call reward settings (defaults: spear/config.py, ``reward.tool_bonus``)."""
 
     alpha: float  # bonus per counted call
     cap: float  # maximum bonus before the schedule factor
@@ -64,6 +65,17 @@ def tool_call_bonus(n_calls: Tensor, alpha: float, cap: float, phi: float) -> Te
     return (alpha * n_calls.to(torch.float64)).clamp(max=cap) * phi
 
 
+def schedule_factor(schedule: Schedule, step: int) -> float:
+    """``phi(step)``; raises ``ValueError`` if it is negative or not finite."""
+    phi = float(schedule(step))
+    if not (math.isfinite(phi) and phi >= 0):
+        raise ValueError(
+            f"tool-bonus schedule {schedule!r} gives phi({step}) = {phi}; it must be finite and "
+            ">= 0 (a negative factor would turn the bonus into a penalty)"
+        )
+    return phi
+
+
 def counted_calls(episode: Episode, count: CallCount) -> int:
     """The number the bonus counts: valid tool calls or environment turns."""
     return episode.num_tool_calls if count == "tool_calls" else episode.num_turns
@@ -80,10 +92,11 @@ def assign_rewards(
 
     Returns metrics (means over episodes; NaN when there are none) so outcome and bonus are
     logged separately: ``reward/outcome``, ``reward/tool_bonus``, ``reward/penalty``,
-    ``reward/score``, ``reward/phi``, ``reward/counted_calls``, ``reward/bonus_capped_frac``.
+    ``reward/score``, ``reward/counted_calls``, ``reward/bonus_capped_frac`` and
+    ``reward/tool_factor`` (``phi(step)``, a plain number even without episodes).
     """
     penalty_coef = _finite_non_negative("invalid_penalty", invalid_penalty)
-    phi = tool_bonus.schedule(step)
+    phi = schedule_factor(tool_bonus.schedule, step)
     counts = torch.tensor([counted_calls(e, tool_bonus.count) for e in episodes], dtype=torch.long)
     if bool((counts < 0).any()):
         raise ValueError(f"episode call counts ({tool_bonus.count}) must be >= 0")
@@ -105,7 +118,7 @@ def assign_rewards(
         "reward/tool_bonus": _mean(bonus),
         "reward/penalty": _mean(penalty),
         "reward/score": _mean(score),
-        "reward/phi": float(phi),
+        "reward/tool_factor": float(phi),
         "reward/counted_calls": _mean(counts.to(torch.float64)),
         "reward/bonus_capped_frac": _mean(capped),
     }

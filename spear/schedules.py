@@ -17,6 +17,7 @@ has ``kind`` plus exactly that kind's fields, e.g. ``{"kind": "cosine_up", "valu
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -46,15 +47,28 @@ def _check_number(kind: str, name: str, value: object) -> float:
 def _check_horizon(kind: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ScheduleSpecError(
-            f"schedule {kind!r}: field 'horizon' must be an integer >= 1 (training steps), got {value!r}"
+            f"schedule {kind!r}: field 'horizon' must be an integer >= 1 (training steps), "
+            f"got {value!r}"
         )
     return value
 
 
 def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    """``step`` as a Python int; any integer type (numpy's included) but bool, and >= 0."""
+    if isinstance(step, bool):
         raise ValueError(f"schedule step must be an integer >= 0, got {step!r}")
-    return step
+    try:
+        t = operator.index(step)
+    except TypeError:
+        raise ValueError(f"schedule step must be an integer >= 0, got {step!r}") from None
+    if t < 0:
+        raise ValueError(f"schedule step must be an integer >= 0, got {step!r}")
+    return t
+
+
+def _set_float(obj: Schedule, name: str) -> None:
+    """Validate number field ``name`` of a frozen schedule and store it as a float."""
+    object.__setattr__(obj, name, _check_number(obj.kind, name, getattr(obj, name)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +78,7 @@ class Schedule:
     kind: ClassVar[str] = ""
 
     def __call__(self, step: int) -> float:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define __call__")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
@@ -81,7 +95,7 @@ class Constant(Schedule):
     kind: ClassVar[str] = "constant"
 
     def __post_init__(self) -> None:
-        _check_number(self.kind, "value", self.value)
+        _set_float(self, "value")
 
     def __call__(self, step: int) -> float:
         _check_step(step)
@@ -97,8 +111,8 @@ class Linear(Schedule):
     kind: ClassVar[str] = "linear"
 
     def __post_init__(self) -> None:
-        _check_number(self.kind, "start", self.start)
-        _check_number(self.kind, "end", self.end)
+        _set_float(self, "start")
+        _set_float(self, "end")
         _check_horizon(self.kind, self.horizon)
 
     def __call__(self, step: int) -> float:
@@ -118,7 +132,7 @@ class CosineUp(Schedule):
     kind: ClassVar[str] = "cosine_up"
 
     def __post_init__(self) -> None:
-        _check_number(self.kind, "value", self.value)
+        _set_float(self, "value")
         _check_horizon(self.kind, self.horizon)
 
     def __call__(self, step: int) -> float:
@@ -138,7 +152,7 @@ class CosineDown(Schedule):
     kind: ClassVar[str] = "cosine_down"
 
     def __post_init__(self) -> None:
-        _check_number(self.kind, "value", self.value)
+        _set_float(self, "value")
         _check_horizon(self.kind, self.horizon)
 
     def __call__(self, step: int) -> float:
@@ -148,8 +162,13 @@ class CosineDown(Schedule):
         return self.value * (1.0 + math.cos(math.pi * t / self.horizon)) / 2.0
 
 
-def schedule_from_spec(spec: float | int | Mapping[str, Any]) -> Schedule:
-    """Build a schedule from a number (constant) or a mapping with ``kind`` and its fields."""
+def schedule_from_spec(spec: float | int | Mapping[str, Any] | Schedule) -> Schedule:
+    """Build a schedule from a number (constant) or a mapping with ``kind`` and its fields.
+
+    A :class:`Schedule` is returned as it is, so code can pass either form along.
+    """
+    if isinstance(spec, Schedule):
+        return spec
     if isinstance(spec, bool):
         raise ScheduleSpecError(f"schedule spec must be a number or a mapping, got {spec!r}")
     if isinstance(spec, (int, float)):
@@ -159,8 +178,9 @@ def schedule_from_spec(spec: float | int | Mapping[str, Any]) -> Schedule:
             f"schedule spec must be a number or a mapping with 'kind', got {type(spec).__name__}"
         )
     if "kind" not in spec:
+        known = ", ".join(SCHEDULES.names())
         raise ScheduleSpecError(
-            f"schedule spec {dict(spec)!r} has no field 'kind'; known kinds: {', '.join(SCHEDULES.names())}"
+            f"schedule spec {dict(spec)!r} has no field 'kind'; known kinds: {known}"
         )
     kind = spec["kind"]
     if not isinstance(kind, str):

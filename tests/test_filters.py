@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -31,7 +33,7 @@ class CharDecoder:
 
 
 def mk(
-    group: int, episode: int, response: list[int] | str = (7, 8, 9), *, score: float = 0.0
+    group: int, episode: int, response: Sequence[int] | str = (7, 8, 9), *, score: float = 0.0
 ) -> Sample:
     resp = [ord(c) for c in response] if isinstance(response, str) else list(response)
     ids = torch.tensor(PROMPT + resp, dtype=torch.long)
@@ -167,7 +169,8 @@ def test_registry_and_params_validation() -> None:
     with pytest.raises(ValueError, match="ngram"):
         fp("repetitive", ngram=0)
     with pytest.raises(ValueError, match="enabled"):
-        ResponseFilterParams(enabled="overlong", ngram=20, ngram_repeats=10)  # type: ignore[arg-type]
+        bad: object = "overlong"  # a string, not a tuple of names
+        ResponseFilterParams(enabled=bad, ngram=20, ngram_repeats=10)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the stage
@@ -219,9 +222,12 @@ def groups_with_stds(n_groups: int, size: int = 2) -> list[Episode]:
     ]
 
 
-@pytest.mark.parametrize(("n_groups", "expected"), [(32, 24), (128, 96), (10, 7), (1, 0)])
+@pytest.mark.parametrize(
+    ("n_groups", "expected"), [(32, 24), (128, 96), (10, 7), (4, 3), (2, 1), (1, 1)]
+)
 def test_group_filter_counts(n_groups: int, expected: int) -> None:
-    # §11: floor(0.75 * 32) = 24, floor(0.75 * 128) = 96; 10 -> floor(7.5) = 7 (no power of two)
+    # §11: floor(0.75 * 32) = 24, floor(0.75 * 128) = 96; 10 -> floor(7.5) = 7 (no power of two);
+    # 1 -> floor(0.75) = 0 would drop the whole step: at least one group is kept
     eps = groups_with_stds(n_groups)
     kept, m = apply_group_filter(eps, keep_ratio=0.75, kind="std")
     assert len({e.group_id for e in kept}) == expected and len(kept) == 2 * expected
@@ -287,12 +293,14 @@ def test_group_filter_ratio_one_and_empty() -> None:
 )
 def test_group_filter_validation(ratio: object, kind: str) -> None:
     with pytest.raises(ValueError, match=r"keep_ratio|kind"):
-        apply_group_filter(groups_with_stds(2), keep_ratio=ratio, kind=kind)  # type: ignore[arg-type]
+        eps = groups_with_stds(2)
+        apply_group_filter(eps, keep_ratio=ratio, kind=kind)  # type: ignore[arg-type]
 
 
 def test_num_groups_kept_float_guard() -> None:
     assert num_groups_kept(100, 0.29) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
     assert num_groups_kept(32, 0.75) == 24
+    assert num_groups_kept(0, 0.75) == 0 and num_groups_kept(3, 0.1) == 1
 
 
 @settings(max_examples=100, deadline=None)
@@ -303,6 +311,7 @@ def test_num_groups_kept_float_guard() -> None:
 def test_select_groups_property(stds: list[float], ratio: float) -> None:
     t = torch.tensor(stds, dtype=torch.float64)
     k = num_groups_kept(len(stds), ratio)
+    assert k == (max(1, int(ratio * len(stds) + 1e-9)) if stds else 0)
     picked = select_groups(t, k, largest=True).tolist()
     assert len(picked) == k and picked == sorted(set(picked))
     rest = [i for i in range(len(stds)) if i not in picked]

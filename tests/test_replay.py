@@ -249,6 +249,85 @@ def test_storage_is_compact_and_returned_samples_are_usual() -> None:
     assert s.step == 2
 
 
+def test_stored_tensors_are_host_copies_with_own_storage() -> None:
+    # inputs as the old-log-prob stage makes them: row views of one [N, T] batch tensor, with
+    # autograd history; the buffer must keep compact copies, not the batch
+    batch_lp = torch.randn(4, 50, requires_grad=True) * 1.0  # [N, T], non-leaf
+    batch_ids = torch.arange(200).reshape(4, 50)
+    samples = []
+    for i in range(4):
+        s = mk(0, i, score=float(i), adv=1.0, n=48)
+        s.input_ids, s.behavior_logprobs = batch_ids[i], batch_lp[i]
+        s.loss_mask = s.loss_mask.float()  # a float 0/1 mask is accepted too
+        samples.append(s)
+    buf = buffer(0, recalibration="decay")
+    buf.add(samples, step=1)
+    # 50 tokens x (4 + 1 + 4) bytes per sample: no storage is shared with the [4, 50] batch
+    assert buf.nbytes() == 4 * 50 * 9
+    out = buf.consume(1).samples
+    for s, src in zip(out, samples):
+        for name in ("input_ids", "loss_mask", "behavior_logprobs"):
+            t = getattr(s, name)
+            assert t.device.type == "cpu" and not t.requires_grad and t.is_contiguous()
+        assert s.loss_mask.dtype == torch.bool
+        assert torch.equal(s.behavior_logprobs, src.behavior_logprobs.detach())
+
+
+def test_meta_tensors_are_rejected_and_leave_buffer_unchanged() -> None:
+    buf = buffer(0)
+    buf.add(_positives(4), step=1)
+    before = buf.state_dict()
+    s = mk(9, 90, score=1.0, adv=1.0)
+    s.behavior_logprobs = torch.zeros(s.num_tokens, device="meta")
+    with pytest.raises(ValueError, match=r"behavior_logprobs.*meta"):
+        buf.add([s], step=2)
+    s = mk(9, 91, score=1.0, adv=1.0)
+    s.input_ids = torch.zeros(s.num_tokens, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match=r"input_ids.*meta"):
+        buf.add([s], step=2)
+    after = buf.state_dict()
+    assert after["scalars"] == before["scalars"]
+    assert torch.equal(after["hist_means"], before["hist_means"]) and len(buf) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accelerator_tensors_end_up_on_cpu() -> None:
+    s = mk(0, 0, score=1.0, adv=1.0)
+    s.input_ids, s.loss_mask = s.input_ids.cuda(), s.loss_mask.cuda()
+    s.behavior_logprobs = s.behavior_logprobs.cuda().to(torch.bfloat16)
+    buf = buffer(0, recalibration="decay")
+    buf.add([s], step=1)
+    (out,) = buf.consume(1).samples
+    for name in ("input_ids", "loss_mask", "behavior_logprobs"):
+        assert getattr(out, name).device.type == "cpu"
+    assert torch.equal(out.behavior_logprobs, s.behavior_logprobs.float().cpu())
+
+
+def test_logprob_precision() -> None:
+    # bfloat16 / float16 / float32 log-probs are kept exactly; float64 ones are rounded to float32
+    buf = buffer(0, recalibration="decay", sample_size=10)
+    exact = {}
+    for i, dtype in enumerate((torch.bfloat16, torch.float16, torch.float32, torch.float64)):
+        s = mk(i, i, score=1.0, adv=1.0)
+        s.behavior_logprobs = (-torch.rand(s.num_tokens, dtype=torch.float64) / 3).to(dtype)
+        exact[i] = s.behavior_logprobs.float()
+        buf.add([s], step=1)
+    for s in buf.consume(1).samples:
+        assert s.behavior_logprobs.dtype == torch.float32
+        assert torch.equal(s.behavior_logprobs, exact[s.episode_id])
+
+
+def test_ids_outside_int32_are_rejected() -> None:
+    s = mk(0, 0, score=1.0, adv=1.0)
+    s.input_ids = s.input_ids + 2**31
+    with pytest.raises(ValueError, match="int32"):
+        buffer(0).add([s], step=1)
+    s.input_ids = torch.arange(s.num_tokens, dtype=torch.float32)
+    with pytest.raises(ValueError, match="integer"):
+        buffer(0).add([s], step=1)
+
+
 # ---------------------------------------------------------------- trigger, sample size
 
 
@@ -455,7 +534,20 @@ def test_load_rejects_malformed_state() -> None:
         buf.load_state_dict(state)
 
 
-# ---------------------------------------------------------------- properties (against a small model)
+def test_load_rejects_inconsistent_sizes() -> None:
+    buf = buffer(0)
+    buf.add(_positives(4), step=1)
+    state = buf.state_dict()
+    state["input_ids"] = state["input_ids"][:-1]
+    with pytest.raises(ValueError, match="input_ids"):
+        buffer(0).load_state_dict(state)
+    state = buf.state_dict()
+    state["scalars"]["score"] = state["scalars"]["score"][:-1]
+    with pytest.raises(ValueError, match="score"):
+        buffer(0).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- properties (vs a small model)
 
 # one training step: groups of episodes, each (score, filtered)
 episode_st = st.tuples(st.integers(-2, 3), st.booleans())
@@ -492,7 +584,10 @@ class Model:
     """An independent, plain-Python model of the median-mode buffer."""
 
     def __init__(self, p: ReplayParams) -> None:
-        self.p, self.items, self.means, self.stds = p, {}, [], []
+        self.p = p
+        self.items: dict[int, tuple[float, int]] = {}  # episode id -> (score, step)
+        self.means: list[float] = []
+        self.stds: list[float] = []
 
     def add(self, samples: list[Sample], t: int) -> None:
         for g in dict.fromkeys(s.group_id for s in samples):

@@ -50,7 +50,7 @@ def test_agent_setting_worked_values() -> None:
     assert [s.score for s in e.samples] == pytest.approx(
         [10.2] * 4
     )  # outcome + bonus on every turn
-    assert m["reward/phi"] == pytest.approx(0.5)
+    assert m["reward/tool_factor"] == pytest.approx(0.5)
     # §11: length 37, t=0 -> min(1, 3.7) * 1 = 1.0
     e = episode(turns=37)
     assign_rewards([e], 0, tb, invalid_penalty=0.0)
@@ -95,7 +95,7 @@ def test_penalty_and_score_and_metrics() -> None:
             "reward/tool_bonus": 0.75,  # (0.5 + 1) / 2
             "reward/penalty": 0.15,  # (0.3 + 0) / 2
             "reward/score": 1.1,  # (1.2 + 1.0) / 2
-            "reward/phi": 1.0,
+            "reward/tool_factor": 1.0,
             "reward/counted_calls": 5.0,  # (2 + 8) / 2
             "reward/bonus_capped_frac": 0.5,  # only b reaches the cap
         }
@@ -105,7 +105,7 @@ def test_penalty_and_score_and_metrics() -> None:
 def test_no_episodes() -> None:
     tb = ToolBonus(alpha=0.1, cap=1.0, schedule=COSINE_200, count="turns")
     m = assign_rewards([], 100, tb, invalid_penalty=0.0)
-    assert m["reward/phi"] == pytest.approx(0.5)
+    assert m["reward/tool_factor"] == pytest.approx(0.5)
     assert math.isnan(m["reward/outcome"])
 
 
@@ -132,6 +132,16 @@ def test_bad_inputs_to_assign_rewards() -> None:
         assign_rewards([episode(outcome=math.nan)], 1, tb, invalid_penalty=0.0)
     with pytest.raises(ValueError, match="step"):
         assign_rewards([episode()], -1, tb, invalid_penalty=0.0)
+
+
+def test_negative_or_nonfinite_phi_is_reported_not_clipped() -> None:
+    # a schedule that goes below 0 would turn the bonus into a penalty: say so at that step
+    from spear.schedules import Linear
+
+    tb = ToolBonus(alpha=0.1, cap=1.0, schedule=Linear(1.0, -1.0, 10), count="turns")
+    assign_rewards([episode(turns=3)], 5, tb, invalid_penalty=0.0)  # phi(5) = 0: fine
+    with pytest.raises(ValueError, match=r"phi\(6\)"):
+        assign_rewards([episode(turns=3)], 6, tb, invalid_penalty=0.0)
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ from spear.schedules import (
     schedule_from_spec,
 )
 
-# ---------------------------------------------------------------- worked values (reference §3, §6, §11)
+# ---------------------------------------------------------------- worked values (§3, §6, §11)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,24 @@ def test_repr_is_readable() -> None:
     assert repr(CosineUp(value=1.0, horizon=200)) == "cosine_up(value=1.0, horizon=200)"
     assert repr(Linear(start=0.0, end=1.0, horizon=5)) == "linear(start=0.0, end=1.0, horizon=5)"
     assert repr(Constant(value=0.5)) == "constant(value=0.5)"
+
+
+def test_integer_fields_are_stored_as_floats() -> None:
+    # a YAML "value: 1" reads as an int; the schedule and its repr are the same as for 1.0
+    s = CosineUp(value=1, horizon=200)  # type: ignore[arg-type]
+    assert s.value == 1.0 and isinstance(s.value, float)
+    assert repr(s) == "cosine_up(value=1.0, horizon=200)"
+    assert repr(schedule_from_spec({"kind": "linear", "start": 0, "end": 2, "horizon": 4})) == (
+        "linear(start=0.0, end=2.0, horizon=4)"
+    )
+
+
+def test_schedule_passes_through_and_numpy_steps() -> None:
+    s = CosineDown(value=1.0, horizon=200)
+    assert schedule_from_spec(s) is s
+    assert s(np.int64(100)) == pytest.approx(0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step"):
+        s(np.float64(1.0))  # type: ignore[arg-type]
 
 
 def test_schedules_are_frozen_and_comparable() -> None:

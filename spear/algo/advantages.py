@@ -16,9 +16,19 @@ one sample per episode, and one sample per turn (every turn of an episode is its
   is the reference agent's ``compute_mean_std_cross_all_data=True``.
 
 Standard deviation (B14): one convention everywhere, the unbiased estimate (ddof=1, as
-``torch.std`` in verl). A group with a single member gets advantage 0. verl instead uses mean 0 /
-std 1 for a singleton group, which hands the raw score R to a sample that has nothing to be
-compared with; a lone sample carries no group-relative signal, so we give it none.
+``torch.std`` in verl), and ``eps`` is added to the std before dividing, as in verl:
+``A = (R - mean) / (std + eps)``. A group with a single member gets advantage 0.
+
+Relation to verl 0.9.1 ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage``
+and verl-agent's GiGPO (pinned by ``tests/algo/test_verl_agreement.py``): for every group with
+at least two members the values are the same (one sample per episode, or ``stats_over="sample"``,
+which is verl-agent's ``compute_mean_std_cross_all_data=True``). The one intended difference is
+the singleton group: verl uses mean 0 / std 1 there, which hands the lone sample
+``R / (1 + eps)`` (GRPO with std), ``R`` (without std, and RLOO); a lone sample carries no
+group-relative signal, so we give it none. verl-agent's trajectory-level statistics
+(``compute_mean_std_cross_steps=False``) take the score of each trajectory's first row seen;
+``stats_over="episode"`` takes the mean over the episode's samples instead (equal when all turns
+of an episode carry the same score).
 
 Response-filtered samples (``valid == False``) still enter the group statistics, as in the
 reference (verl multiplies by the response mask only after computing them), but get advantage 0.

@@ -23,11 +23,22 @@ Modes (``L`` = token values, ``m`` = mask, ``i`` rows, ``k`` tokens):
 * ``seq-mean-token-mean``:     sum_i (sum_k L m / max(sum_k m, 1)) / num_sequences
 * ``seq-mean-token-sum-norm``: sum_ik L m / (num_sequences * max_response_len)   (true Dr.GRPO)
 
-``seq-mean-token-sum-norm`` differs on purpose from the reference's verl copy, which divides by
-the padded width ``mask.shape[-1]`` only and not by the number of sequences, so its gradient
-scale grows with the micro-batch size (B13). verl 0.9.1 with ``global_batch_size`` and
-``loss_scale_factor`` set agrees with this definition; here the constant is explicit
-(``max_response_len``) instead of the padded width of whatever tensor happens to be passed.
+Relation to verl (pinned by ``tests/algo/test_verl_agreement.py``):
+
+* verl 0.9.1 ``agg_loss`` on a single micro-batch with its default arguments gives the same
+  value for ``token-mean``, ``seq-mean-token-sum`` and ``seq-mean-token-mean`` (verl's per-row
+  mean divides by ``count + 1e-8`` instead of ``max(count, 1)``: relative difference
+  ``1e-8 / count``), and for ``seq-mean-token-sum-norm`` when its ``loss_scale_factor`` is
+  ``max_response_len``; its default there is the padded width ``mask.shape[-1]``, which changes
+  from batch to batch with dynamic padding, so here the constant is explicit.
+* Across micro-batches verl uses global counts only when ``batch_num_tokens`` /
+  ``global_batch_size`` are passed; here they always come from :class:`AggregationNorm`.
+  verl also multiplies by ``dp_size`` to undo the data-parallel gradient average; here the
+  data-parallel caller sums gradients instead (``spear/distributed/fsdp.py``).
+* The SPEAR reference's verl copy computes ``seq-mean-token-sum-norm`` per micro-batch as
+  ``sum_ik L m / mask.shape[-1]``, without dividing by the number of sequences, so its gradient
+  scale grows with the micro-batch size (B13). On one micro-batch with
+  ``max_response_len == mask.shape[-1]`` it is exactly ``num_sequences`` times ours.
 """
 
 from __future__ import annotations

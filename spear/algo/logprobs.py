@@ -76,7 +76,8 @@ def _run_chunks(
     for start in range(0, num_positions, chunk_size):
         args = [t[start : start + chunk_size] for t in per_position] + list(shared)
         if needs_grad:
-            lp, ent = checkpoint(fn, *args, use_reentrant=False)
+            # fn draws no random numbers: skip stashing / restoring the RNG state per chunk
+            lp, ent = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
         else:
             lp, ent = fn(*args)
         lps.append(lp)

@@ -5,17 +5,32 @@ The output is the per-token loss ``[N, T]`` (NOT aggregated; exactly 0 outside t
 caller aggregates it with :mod:`spear.algo.aggregation`) and 0-dim, detached metric tensors.
 Nothing in here synchronises with the host (no ``.item()``, no Python branch on tensor values),
 so a loss can be queued on an accelerator without stalling it. The only randomness (Clip-Cov's
-token choice) draws from ``generator``.
+token choice) draws from ``generator``, which Clip-Cov requires; the global RNG is never used.
 
 Notation: ``lp``/``olp`` current/old log-probs, ``A`` advantages, ``m`` mask,
 ``delta = lp - olp``, ``r = exp(delta)``, ``L1 = -A r``, ``L2 = -A clip(r, 1 - clip_low,
-1 + clip_high)``. Masked means (metrics, covariance centring) are over tokens with ``m > 0`` and
-divide by ``max(count, 1)`` (verl adds 1e-8 to the count instead; the difference is < 1e-8
-relative).
+1 + clip_high)``.
 
-Masked tokens: ``delta`` is replaced by 0 outside the mask before anything else, so garbage
-log-probs in padding can neither produce NaN/inf nor leak gradient; those tokens get loss 0 and
-gradient 0.
+Relation to verl 0.9.1 ``verl/trainer/ppo/core_algos.py`` (pinned by ``tests/algo``):
+
+* Per valid token, every loss equals verl's ``pg_losses`` matrix (vanilla, clip_cov and kl_cov
+  given the same selected tokens, gpg); aggregating it with the same mode gives verl's
+  ``pg_loss`` (see :mod:`spear.algo.aggregation` for the one intended difference there).
+* Masked means (metrics, covariance centring) divide by ``max(count, 1)``; verl divides by
+  ``count + 1e-8``. The relative difference is ``1e-8 / count``. One visible consequence: when
+  the advantages are constant over a micro-batch's valid tokens our covariance is exactly 0,
+  verl's a tiny non-zero number, so with ``cov_lb == 0`` verl may find eligible tokens that we
+  (correctly: the covariance is 0) do not.
+* ``delta`` is replaced by 0 outside the mask before anything else, so garbage log-probs in
+  padding can neither produce NaN/inf nor leak gradient; those tokens get loss 0 and gradient 0.
+  verl computes on padding too and relies on the mask afterwards (same result for finite inputs).
+* Clip-Cov draws a uniform subset from an explicit generator (verl: ``torch.randperm`` on the
+  global RNG): same distribution, different draws. KL-Cov breaks covariance ties by the lowest
+  flat index (verl: whatever ``torch.topk`` returns).
+* Metric names: ``approx_kl`` = verl's ``ppo_kl`` for vanilla / clip_cov; for kl_cov verl's
+  ``ppo_kl`` is our ``abs_kl``; for clip_cov verl's ``pg_clipfrac`` (fraction of selected
+  tokens) is our ``cov_frac``, and our ``clipfrac`` is the PPO-clipped fraction, which verl does
+  not report for clip_cov. gpg reports ``approx_kl`` (verl: no metric).
 """
 
 from __future__ import annotations
@@ -138,17 +153,40 @@ def _ranks(keys: Tensor) -> Tensor:
     return ranks.view(keys.shape)
 
 
-def random_subset(eligible: Tensor, k: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniformly random ``min(k, #eligible)`` entries of the bool mask ``eligible [N, T]``."""
-    if generator is None:
-        u = torch.rand(eligible.shape, dtype=torch.float64, device=eligible.device)
-    else:  # draw on the generator's device, then move (a copy, not a host sync)
-        u = torch.rand(
-            eligible.shape, dtype=torch.float64, generator=generator, device=generator.device
-        )
-        u = u.to(eligible.device)
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Move a freshly drawn CPU tensor to ``device`` without waiting for queued device work.
+
+    A plain CPU -> CUDA ``.to()`` synchronises the stream; a pinned, non-blocking copy does not
+    (the caching host allocator keeps the pinned buffer alive until the copy has run).
+    """
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def random_subset(eligible: Tensor, k: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniformly random ``min(k, #eligible)`` entries of the bool mask ``eligible [N, T]``.
+
+    The uniform keys ``[N, T]`` are drawn from ``generator`` on the generator's own device, so
+    a given generator state picks the same tokens whichever device the loss runs on.
+    """
+    u = torch.rand(
+        eligible.shape, dtype=torch.float64, generator=generator, device=generator.device
+    )  # [N, T]
+    u = _to_device(u, eligible.device)
     keys = torch.where(eligible, u, torch.full_like(u, 2.0))  # ineligible sort last
     return eligible & (_ranks(keys) < k)
+
+
+def _require_generator(generator: torch.Generator | None, what: str) -> torch.Generator:
+    if generator is None:
+        raise ValueError(
+            f"{what} draws random tokens: pass an explicit torch.Generator (the global RNG is "
+            "never used, so that runs are reproducible and resumable)"
+        )
+    return generator
 
 
 def top_k_subset(scores: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
@@ -201,15 +239,22 @@ def clip_cov_select(
 
     Eligible = valid, not already PPO-clipped (L2 > L1), and ``cov_lb < cov < cov_ub`` with
     ``cov`` from :func:`token_covariance` over this call's valid tokens. Picks
-    ``min(max(floor(cov_ratio * #valid), 1), #eligible)`` eligible tokens uniformly at random.
+    ``min(max(floor(cov_ratio * #valid), 1), #eligible)`` eligible tokens uniformly at random,
+    drawing only from ``generator`` (required: ``None`` raises ``ValueError``). verl draws the
+    same kind of uniform subset with ``torch.randperm`` on the global RNG; the distribution of
+    the selection is identical, the individual draws are not.
+
+    Statistics are per call, i.e. per micro-batch as in verl: unlike the aggregation modes, the
+    Clip-Cov (and KL-Cov) token choice depends on how a mini-batch is split.
     """
+    gen = _require_generator(generator, "clip_cov")
     valid = inp.mask > 0
     l1, l2 = ppo_terms(
         inp.advantages, torch.exp(log_ratio(inp, clamp=False)), params.clip_low, params.clip_high
     )
     cov = token_covariance(inp.advantages, inp.log_probs, inp.mask)
     eligible = valid & ~(l2 > l1) & (cov > params.cov_lb) & (cov < params.cov_ub)
-    return random_subset(eligible, cov_count(valid.sum(), params.cov_ratio), generator)
+    return random_subset(eligible, cov_count(valid.sum(), params.cov_ratio), gen)
 
 
 def clip_cov_loss_from_selection(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -21,6 +22,17 @@ from fractions import Fraction
 from spear.envs.base import Task
 
 log = logging.getLogger(__name__)
+
+
+class _NoTimeoutWarning(logging.Filter):
+    """Drops math-verify's per-call warning that its timeout is off (we turn it off in threads)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_NoTimeoutWarning())
 
 _BOX_OPENERS = ("\\boxed{", "\\fbox{", "\\boxed {")
 _FRAC = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
@@ -67,6 +79,9 @@ def _strip_wrappers(s: str) -> str:
 def parse_number(text: str) -> Fraction | None:
     """``text`` as an exact number, or None when it is not a plain number or fraction."""
     s = _strip_wrappers(text).replace(" ", "")
+    if s[:1] in ("-", "+") and _FRAC.match(s[1:]) is not None:  # -\frac{1}{2}
+        value = parse_number(s[1:])
+        return None if value is None else (-value if s[0] == "-" else value)
     if (m := _FRAC.match(s)) is not None:
         num, den = parse_number(m.group(1)), parse_number(m.group(2))
         return num / den if num is not None and den not in (None, 0) else None
@@ -92,8 +107,14 @@ def _math_verify(pred: str, truth: str) -> bool:
         from math_verify import parse, verify
     except ImportError:  # optional: the normalised comparison stands alone
         return False
+    # math-verify's own timeouts use signal.alarm, which only works in the main thread; envs are
+    # stepped in worker threads, where the loop's env-step timeout bounds the call instead.
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
     try:
-        return bool(verify(parse(f"${truth}$"), parse(f"${pred}$")))
+        gold = parse(f"${truth}$", parsing_timeout=timeout)  # type: ignore[arg-type]
+        answer = parse(f"${pred}$", parsing_timeout=timeout)  # type: ignore[arg-type]
+        return bool(verify(gold, answer, timeout_seconds=timeout))
     except Exception as e:  # math-verify can fail on odd LaTeX; never fail the episode
         log.debug("math-verify could not compare %r and %r: %s", pred, truth, e)
         return False

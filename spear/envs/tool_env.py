@@ -42,9 +42,9 @@ def truncate(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` characters with a visible marker saying how much went."""
     if len(text) <= limit:
         return text
-    marker = f"\n...[truncated {len(text) - limit} characters]"
-    keep = max(0, limit - len(marker))
-    return text[:keep] + marker
+    longest = f"\n...[truncated {len(text)} characters]"  # the count can only be shorter
+    keep = max(0, limit - len(longest))
+    return (text[:keep] + f"\n...[truncated {len(text) - keep} characters]")[:limit]
 
 
 def as_text(value: Any) -> str:

@@ -75,8 +75,8 @@ def read_call_json(body: str) -> ToolCall | InvalidCall:
     """Read the JSON body of one ``<tool_call>`` block."""
     try:
         obj = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = getattr(e, "msg", "too deeply nested")
+    except (ValueError, RecursionError) as e:  # ValueError: also over-long integer literals
+        msg = getattr(e, "msg", None) or ("too deeply nested" if isinstance(e, RecursionError) else str(e))
         return InvalidCall(body, f"invalid JSON in <tool_call>: {msg} in {_snippet(body)!r}")
     if not isinstance(obj, dict):
         return InvalidCall(body, "a <tool_call> must hold a JSON object with 'name' and 'arguments'")
@@ -87,8 +87,9 @@ def read_call_json(body: str) -> ToolCall | InvalidCall:
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            return InvalidCall(body, f"'arguments' of {name!r} is a string but not JSON: {e.msg}")
+        except (ValueError, RecursionError) as e:
+            why = getattr(e, "msg", None) or type(e).__name__
+            return InvalidCall(body, f"'arguments' of {name!r} is a string but not JSON: {why}")
     if not isinstance(args, dict):
         return InvalidCall(body, f"'arguments' of {name!r} must be a JSON object")
     return ToolCall(name, args)

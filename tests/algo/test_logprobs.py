@@ -168,6 +168,37 @@ def test_backward_memory_is_bounded_by_a_chunk() -> None:
     assert _saved_bytes_outside([logits, targets], from_logits) < full_logits_bytes / 10
 
 
+def test_150k_vocab_keeps_no_full_logits() -> None:
+    # A Qwen-sized vocabulary: the whole batch's float32 logits would be N*T*V*4 = 57.6 MB and
+    # one chunk's 16 * 150000 * 4 = 9.6 MB; autograd keeps less than one chunk (only per-chunk
+    # outputs: the checkpoint recomputes each chunk's logits during backward).
+    n, t, v, h, chunk = 2, 48, 150_000, 8, 16
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, t, h, generator=g, requires_grad=True)
+    weight = (torch.randn(v, h, generator=g) * 0.1).requires_grad_(True)
+    targets = torch.randint(0, v, (n, t), generator=g)
+    out: list[torch.Tensor] = []
+
+    def run() -> None:
+        lp, ent = logprobs_from_hidden(
+            hidden, weight, targets, temperature=1.0, chunk_size=chunk, with_entropy=True
+        )
+        assert ent is not None
+        out.append(lp.sum() + ent.sum())
+
+    assert _saved_bytes_outside([hidden, weight, targets], run) < chunk * v * 4
+    out[0].backward()
+    assert hidden.grad is not None and bool(torch.isfinite(hidden.grad).all())
+    # spot-check one position against the unchunked float64 computation
+    logits = hidden[1, 5].detach().double() @ weight.detach().double().T  # [V]
+    want = torch.log_softmax(logits, -1)[targets[1, 5]]
+    with torch.no_grad():
+        got, _ = logprobs_from_hidden(
+            hidden, weight, targets, temperature=1.0, chunk_size=chunk, with_entropy=False
+        )
+    assert abs(float(got[1, 5]) - float(want)) < 1e-4
+
+
 def test_validation_errors() -> None:
     logits, targets = torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="temperature"):

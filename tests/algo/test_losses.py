@@ -220,13 +220,50 @@ def test_no_host_sync(name: str) -> None:
     d = "meta"
     lp = torch.empty(3, 5, device=d, requires_grad=True)
     x = torch.empty(3, 5, device=d)
-    out = POLICY_LOSSES.get(name)(PolicyLossInput(lp, x, x, x), params(), None)
+    gen = torch.Generator().manual_seed(0)  # a CPU generator, as the trainer passes
+    out = POLICY_LOSSES.get(name)(PolicyLossInput(lp, x, x, x), params(), gen)
     assert out.token_loss.device.type == "meta"
     for mode in AGGREGATIONS:
         AGGREGATIONS.get(mode)(out.token_loss, x, AggregationNorm.from_mask(x, 5)).backward(
             retain_graph=True
         )
     assert lp.grad is not None and lp.grad.shape == (3, 5)
+    assert all(v.device.type == "meta" for v in out.metrics.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vanilla", "clip_cov", "kl_cov", "gpg"])
+def test_no_host_sync_on_cuda(name: str) -> None:
+    """Under CUDA's sync debug mode "error" any synchronising call (``.item()``, ``nonzero``, a
+    blocking host -> device copy such as Clip-Cov's random keys) raises."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    d = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(4, 64, generator=g)
+    lp = (old + 0.3 * torch.randn(4, 64, generator=g)).to(d).requires_grad_(True)
+    adv = torch.randn(4, 1, generator=g).expand(4, 64).contiguous().to(d)
+    mask = (torch.rand(4, 64, generator=g) < 0.8).float().to(d)
+    old = old.to(d)
+    p = params(cov_ratio=0.1, cov_lb=-5.0, cov_ub=5.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = POLICY_LOSSES.get(name)(PolicyLossInput(lp, old, adv, mask), p, g)
+        for mode in AGGREGATIONS:
+            norm = AggregationNorm.from_mask(mask, 64)
+            AGGREGATIONS.get(mode)(out.token_loss, mask, norm).backward(retain_graph=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert lp.grad is not None and bool(torch.isfinite(lp.grad).all())
+
+
+def test_clip_cov_needs_an_explicit_generator() -> None:
+    inp = row(COV_LP, COV_LP, COV_A)
+    with pytest.raises(ValueError, match=r"torch\.Generator"):
+        POLICY_LOSSES.get("clip_cov")(inp, params(), None)
+    with pytest.raises(ValueError, match=r"torch\.Generator"):
+        clip_cov_select(inp, params(), None)
 
 
 def test_param_and_input_validation() -> None:
