@@ -39,7 +39,7 @@ def _check_schedule(v: ScheduleSpec) -> ScheduleSpec:
 class TinyModelConfig(_Section):
     """The built-in Llama-style model created from scratch (used when ``model.path`` is unset)."""
 
-    vocab_size: int = Field(1024, ge=64)
+    vocab_size: int = Field(2048, ge=64)
     hidden_size: int = Field(128, ge=16)
     intermediate_size: int = Field(384, ge=16)
     num_layers: int = Field(3, ge=1)

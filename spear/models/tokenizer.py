@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from spear.types import Message
@@ -91,10 +91,11 @@ class Conversation:
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Digits are isolated one by one before the GPT-2 style byte-level split.
+    # Digit runs are cut into chunks of at most three digits, left to right, before the GPT-2
+    # style byte-level split (as Llama 3 / GPT-4 tokenizers do).
     return pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )

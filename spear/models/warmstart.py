@@ -5,7 +5,7 @@ env (so tool responses and errors look exactly as during RL). Each demo is one o
 in exact proportions given by the parameters:
 
 * ``tool``: a correct calculator call, the tool response, then ``\\boxed{result}``;
-* ``guess``: no tool call, a wrong guessed answer of plausible size;
+* ``guess``: no tool call, a wrong answer (the first number of the problem, :func:`naive_guess`);
 * ``bad_call``: a malformed call (followed by a guess) or a call with a corrupted expression
   (followed by its wrong result), alternating.
 
@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when demo generation or training changes in a way params do not show
+CACHE_VERSION = 3  # bump when demo generation or training changes in a way params do not show
 WARMUP_FRACTION = 0.05  # linear LR warm-up over this share of the steps, then cosine decay to 0
 REPORT_FILE = "warmstart.json"
 
@@ -151,14 +152,14 @@ def boxed(answer: str) -> str:
     return f"\\boxed{{{answer}}}"
 
 
-def wrong_number(answer: str, rng: random.Random) -> str:
-    """A positive integer with as many digits as ``answer`` but a different value."""
-    digits = max(1, len(answer.strip().lstrip("-")))
-    lo, hi = 10 ** (digits - 1), 10**digits - 1
-    while True:
-        guess = str(rng.randint(lo, hi))
-        if guess != answer.strip():
-            return guess
+def naive_guess(expression: str) -> str:
+    """The answer of a model that does not calculate: the first number of the problem.
+
+    It is always wrong (every problem applies at least one operation with an operand >= 10) and
+    it is a copy from the prompt, so guess demos teach the format and copying without teaching
+    arithmetic the tiny model could not learn anyway.
+    """
+    return re.findall(r"\d+", expression)[0]
 
 
 def corrupt_expression(expression: str, rng: random.Random) -> str:
@@ -191,7 +192,6 @@ def play_demo(env: Env, task: Task, kind: DemoKind, rng: random.Random, alt: boo
     messages, _ = env.reset(task)
     messages = list(messages)
     expression = str(task.meta["expression"])
-    answer = str(task.answer)
 
     def act(text: str) -> list[Message]:
         messages.append({"role": "assistant", "content": text})
@@ -200,13 +200,13 @@ def play_demo(env: Env, task: Task, kind: DemoKind, rng: random.Random, alt: boo
         return result.messages
 
     if kind is DemoKind.GUESS:
-        act(boxed(wrong_number(answer, rng)))
+        act(boxed(naive_guess(expression)))
     elif kind is DemoKind.TOOL:
         obs = act(tool_call_text("calculator", {"expression": expression}))
         act(boxed(_last_tool_text(obs).strip()))
     elif alt:
         act(malformed_call_text(expression, rng))
-        act(boxed(wrong_number(answer, rng)))
+        act(boxed(naive_guess(expression)))
     else:
         obs = act(tool_call_text("calculator", {"expression": corrupt_expression(expression, rng)}))
         act(boxed(_last_tool_text(obs).strip()))
