@@ -67,18 +67,18 @@ def build_policy(cfg: Config) -> Policy:
     if cfg.model.path is None:
         from spear.models.warmstart import WarmStartParams, ensure_warm_model
 
-        params = WarmStartParams.from_config(cfg)
-        path = ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), params, cfg.model.warm_start.seed)
+        warm = WarmStartParams.from_config(cfg)
+        path = ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), warm, cfg.model.warm_start.seed)
         model, tok = load_pretrained(str(path), None, cfg.model.dtype)
     else:
         model, tok = load_pretrained(cfg.model.path, cfg.model.tokenizer_path, cfg.model.dtype)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable()  # type: ignore[operator]
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = build_optimizer(params, cfg.optim, cfg.trainer.steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = build_optimizer(trainable, cfg.optim, cfg.trainer.steps)
     return Policy(model=model, tokenizer=tok, device=device, optimizer=opt, scheduler=sched)
 
 

@@ -39,7 +39,7 @@ def _check_schedule(v: ScheduleSpec) -> ScheduleSpec:
 class TinyModelConfig(_Section):
     """The built-in Llama-style model created from scratch (used when ``model.path`` is unset)."""
 
-    vocab_size: int = Field(2048, ge=64)
+    vocab_size: int = Field(1024, ge=64)  # BPE merges; numbers below 1000 come on top
     hidden_size: int = Field(128, ge=16)
     intermediate_size: int = Field(384, ge=16)
     num_layers: int = Field(3, ge=1)
@@ -51,9 +51,9 @@ class WarmStartConfig(_Section):
     """Supervised warm start of the built-in model on deliberately imperfect demonstrations."""
 
     num_demos: int = Field(3000, ge=1)
-    steps: int = Field(600, ge=0)
+    steps: int = Field(900, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(5e-3, gt=0)
     frac_tool: float = Field(0.35, ge=0, le=1)  # correct tool use
     frac_guess: float = Field(0.55, ge=0, le=1)  # no tool, guessed answer
     frac_bad_call: float = Field(0.10, ge=0, le=1)  # malformed or wrong calls
@@ -70,7 +70,7 @@ class WarmStartConfig(_Section):
 class LoraConfig(_Section):
     enabled: bool = False
     r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
+    alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -92,7 +92,12 @@ class TaskConfig(_Section):
     name: Literal["arithmetic", "math", "textworld"] = "arithmetic"
     difficulty: int = Field(2, ge=1, le=5)  # arithmetic: number of operations / operand size
     train_files: list[str] = []  # math: JSONL/Parquet problems with ground truth
-    test_files: list[str] = []
+    test_files: list[str] = []  # empty: a fixed hash-selected 1/held_out_buckets of train
+    held_out_buckets: int = Field(20, ge=2)  # math without test_files
+    sandbox: Literal["local", "fusion"] = "local"  # math: where code_interpreter runs
+    sandbox_url: str | None = None  # sandbox=fusion: SandboxFusion server, e.g. http://host:8080
+    sandbox_memory_mb: int = Field(1024, ge=64)
+    sandbox_max_processes: int = Field(64, ge=1)
     challenge: str = "tw-coin_collector"  # textworld
     textworld_level: int = Field(1, ge=1)
     game_cache_dir: str = "~/.cache/spear/textworld"
@@ -275,6 +280,13 @@ class Config(_Section):
             )
         if self.task.name == "math" and not self.task.train_files:
             raise ValueError("task.name=math needs task.train_files (JSONL or Parquet paths)")
+        if self.task.sandbox == "fusion" and not self.task.sandbox_url:
+            raise ValueError("task.sandbox=fusion needs task.sandbox_url (the SandboxFusion server)")
+        if self.replay.enabled and self.replay.recalibration == "decay" and self.advantage.estimator == "gigpo":
+            raise ValueError(
+                "replay.recalibration=decay would replay GiGPO's step-level advantage term; with "
+                "advantage.estimator=gigpo use replay.recalibration=median (episode-level only)"
+            )
         return self
 
     @property

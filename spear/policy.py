@@ -94,8 +94,9 @@ class Policy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _decoder_and_head(self) -> tuple[nn.Module, nn.Module]:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    def _decoder_and_head(self) -> tuple[Any, Any]:
+        model: Any = self.model  # a transformers PreTrainedModel, possibly wrapped by peft
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return base.get_decoder(), base.get_output_embeddings()
 
     def forward_logprobs(self, batch: TokenBatch, *, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:

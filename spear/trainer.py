@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,7 +83,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One SPEAR step; returns the step's metrics (one host sync)."""
         cfg, c, step = self.cfg, self.c, self.step + 1
-        timer, m = StageTimer(), {}
+        timer = StageTimer()
+        m: dict[str, Tensor | float] = {}
         with timer("rollout"):
             episodes = self._rollout(step)
         m.update(assign_rewards(episodes, step, c.tool_bonus, invalid_penalty=cfg.reward.invalid_call_penalty))
@@ -215,7 +217,8 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         c = self.c
-        saved = type(c.policy.model).from_pretrained(str(ckpt / "model"))  # handles tied weights
+        model_cls: Any = type(c.policy.model)
+        saved = model_cls.from_pretrained(str(ckpt / "model"))  # handles tied weights
         c.policy.model.load_state_dict(saved.state_dict())
         state = load_trainer_state(ckpt)
         c.policy.optimizer.load_state_dict(state.optimizer)

@@ -13,7 +13,10 @@ Splits: each problem has a canonical key (its expression); a problem belongs to 
 split exactly when the SHA-256 of its key falls in the held-out bucket, so train and test never
 share a problem whatever seeds are used. The two splits also draw from disjoint seed streams.
 
-``difficulty`` (1-5) is the number of operations; operand sizes grow with it.
+``difficulty`` (1-5) is the number of operations; operand sizes grow with it: up to
+difficulty 2 every number in a problem (operands, intermediate values, answer) is below 1,000,
+which the built-in tokenizer writes as one token, so copying numbers into a tool call is within
+reach of the tiny model.
 """
 
 from __future__ import annotations
@@ -199,33 +202,53 @@ def _digits(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
     return rng.randint(10 ** (n - 1), 10**n - 1)
 
 
-def generate_problem(rng: random.Random, difficulty: int) -> Problem:
-    """A random problem with ``difficulty`` operations; the answer is always a positive integer."""
-    if not 1 <= difficulty <= MAX_DIFFICULTY:
-        raise ValueError(f"difficulty must be in 1..{MAX_DIFFICULTY}, got {difficulty}")
+SMALL_DIFFICULTY = 2  # up to this difficulty every number of a problem is below SMALL_LIMIT
+SMALL_LIMIT = 1000  # ... so each is one token of the built-in tokenizer (3-digit chunks)
+
+
+def _draw_problem(rng: random.Random, difficulty: int, small: bool) -> tuple[Problem, int]:
+    """One problem and the largest value (operand, intermediate or answer) it involves."""
     one, many, items = rng.choice(_STORIES)
-    big = 3 if difficulty <= 2 else 4  # additive operand digits grow with difficulty
+    big = 3 if small else 4  # additive operand digits grow with difficulty
     sentences: list[str] = []
     ops = difficulty
     if rng.random() < 0.5:  # leading product
-        a, b = _digits(rng, 2, 3), _digits(rng, 2, 3)
+        a = _digits(rng, 1, 2) if small else _digits(rng, 2, 3)
+        b = _digits(rng, 2, 2) if small else _digits(rng, 2, 3)
         sentences.append(f"{a} {many} hold {b} {items} each.")
         expression, value, ops = f"{a}*{b}", a * b, ops - 1
     else:
-        a = _digits(rng, big, big + 1)
+        a = _digits(rng, big, big) if small else _digits(rng, big, big + 1)
         sentences.append(f"A {one} holds {a} {items}.")
         expression, value = str(a), a
+    largest = max(a, value)
     for _ in range(ops):
-        n = _digits(rng, 2, big)
+        n = _digits(rng, 2, 2 if small else big)
         if value > n and rng.random() < 0.5:
             sentences.append(rng.choice(_SUB).format(n=n, items=items))
             expression, value = f"{expression}-{n}", value - n
         else:
             sentences.append(rng.choice(_ADD).format(n=n, items=items))
             expression, value = f"{expression}+{n}", value + n
+        largest = max(largest, n, value)
     question = _QUESTION_LEFT if "-" in expression else _QUESTION_NOW
     sentences.append(question.format(items=items))
-    return Problem(text=" ".join(sentences), expression=expression, answer=value)
+    return Problem(text=" ".join(sentences), expression=expression, answer=value), largest
+
+
+def generate_problem(rng: random.Random, difficulty: int) -> Problem:
+    """A random problem with ``difficulty`` operations; the answer is always a positive integer.
+
+    Up to ``SMALL_DIFFICULTY`` every number involved is below ``SMALL_LIMIT`` (drawn again until
+    it is); above it, operands have up to four digits.
+    """
+    if not 1 <= difficulty <= MAX_DIFFICULTY:
+        raise ValueError(f"difficulty must be in 1..{MAX_DIFFICULTY}, got {difficulty}")
+    small = difficulty <= SMALL_DIFFICULTY
+    while True:
+        problem, largest = _draw_problem(rng, difficulty, small)
+        if not small or largest < SMALL_LIMIT:
+            return problem
 
 
 def generate_tasks(split: str, n: int, seed: int, difficulty: int) -> list[Task]:

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spear.envs.base import Env, Task, Tool
-from spear.envs.sandbox import DEFAULT_LIMITS, MATH_PREAMBLE, CodeInterpreter, LocalSandbox
+from spear.envs.sandbox import (
+    DEFAULT_LIMITS,
+    MATH_PREAMBLE,
+    Backend,
+    CodeInterpreter,
+    LocalSandbox,
+    SandboxFusionClient,
+)
 
 if TYPE_CHECKING:
     from spear.config import Config
@@ -35,7 +42,6 @@ SYSTEM_PROMPT = (
     "Solve the problem. You may call the code_interpreter tool to run Python code; put the final "
     "answer in \\boxed{}."
 )
-HELD_OUT_BUCKETS = 20  # with no test files, 1 in 20 train problems is held out
 MAX_CALLS_PER_TURN = 1  # one tool call per assistant turn (§8.4)
 SANDBOX_MARGIN_S = 0.5  # the sandbox's clock stops this much before the env's tool timeout
 _PROBLEM_COLUMNS = ("problem", "question")
@@ -55,6 +61,11 @@ class MathParams:
     tool_timeout_s: float
     max_calls_per_turn: int
     max_observation_chars: int
+    held_out_buckets: int  # without test files, 1 in this many train problems is held out
+    sandbox: str  # "local" (LocalSandbox) or "fusion" (SandboxFusion HTTP at sandbox_url)
+    sandbox_url: str | None
+    sandbox_memory_mb: int
+    sandbox_max_processes: int
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -145,9 +156,10 @@ def problem_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def held_out(text: str) -> bool:
-    """Whether a train-file problem belongs to the held-out slice (seed-independent)."""
-    return int(problem_key(text), 16) % HELD_OUT_BUCKETS == 0
+def held_out(text: str, buckets: int) -> bool:
+    """Whether a train-file problem belongs to the held-out slice, 1 in ``buckets``
+    (seed-independent)."""
+    return int(problem_key(text), 16) % buckets == 0
 
 
 def _to_task(text: str, answer: str, split: str, source: str) -> Task:
@@ -175,6 +187,11 @@ class MathTasks:
             tool_timeout_s=cfg.rollout.tool_timeout_s,
             max_calls_per_turn=MAX_CALLS_PER_TURN,
             max_observation_chars=cfg.rollout.max_observation_chars,
+            held_out_buckets=cfg.task.held_out_buckets,
+            sandbox=cfg.task.sandbox,
+            sandbox_url=cfg.task.sandbox_url,
+            sandbox_memory_mb=cfg.task.sandbox_memory_mb,
+            sandbox_max_processes=cfg.task.sandbox_max_processes,
         )
 
     @classmethod
@@ -193,7 +210,7 @@ class MathTasks:
             tasks: dict[str, Task] = {}
             for path in files:
                 for text, answer in load_problems(path):
-                    if not own_test and held_out(text) != (split == "test"):
+                    if not own_test and held_out(text, self.params.held_out_buckets) != (split == "test"):
                         continue
                     task = _to_task(text, answer, split, path)
                     tasks.setdefault(task.task_id, task)
@@ -218,9 +235,18 @@ class MathTasks:
 
     def tools(self) -> list[Tool]:
         if self._tool is None:
-            wall = max(0.5, self.params.tool_timeout_s - SANDBOX_MARGIN_S)
-            limits = dataclasses.replace(DEFAULT_LIMITS, wall_time_s=wall, cpu_time_s=wall)
-            self._tool = CodeInterpreter(LocalSandbox(limits), preamble=MATH_PREAMBLE)
+            p = self.params
+            wall = max(0.5, p.tool_timeout_s - SANDBOX_MARGIN_S)
+            limits = dataclasses.replace(
+                DEFAULT_LIMITS, wall_time_s=wall, cpu_time_s=wall,
+                memory_mb=p.sandbox_memory_mb, max_processes=p.sandbox_max_processes,
+            )
+            backend: Backend = (
+                SandboxFusionClient(p.sandbox_url, limits)
+                if p.sandbox == "fusion" and p.sandbox_url
+                else LocalSandbox(limits)
+            )
+            self._tool = CodeInterpreter(backend, preamble=MATH_PREAMBLE)
         return [self._tool]
 
     def make_env(self) -> Env:

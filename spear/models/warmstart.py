@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when demo generation or training changes in a way params do not show
+CACHE_VERSION = 4  # bump when demo generation or training changes in a way params do not show
 WARMUP_FRACTION = 0.05  # linear LR warm-up over this share of the steps, then cosine decay to 0
 REPORT_FILE = "warmstart.json"
 

@@ -163,11 +163,18 @@ def _count(info: dict[str, Any], key: str) -> int:
 
 
 def _final_answer(info: dict[str, Any]) -> tuple[bool, str | None]:
-    """Whether ``info`` reports a final answer, and its text when it is a string."""
-    value = info.get("final_answer")
+    """Whether ``info`` reports a final-answer turn, and the answer's text when it is a string.
+
+    A ``final_answer`` of None means the turn was the final answer but no answer could be
+    extracted from it: the episode ends ``ANSWER`` with ``final_answer`` None, which the
+    ``incomplete`` filter removes.
+    """
+    if "final_answer" not in info:
+        return False, None
+    value = info["final_answer"]
     if isinstance(value, str):
         return True, value
-    return bool(value) and isinstance(value, bool | int | float), None
+    return value is None or (bool(value) and isinstance(value, bool | int | float)), None
 
 
 # ----------------------------------------------------------------------------------------------

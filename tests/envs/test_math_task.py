@@ -10,7 +10,6 @@ import pytest
 from spear.envs.base import Env, Task, TaskSource
 from spear.envs.math_task import (
     ANSWER_SUFFIX,
-    HELD_OUT_BUCKETS,
     MathDataError,
     MathParams,
     MathTasks,
@@ -19,8 +18,11 @@ from spear.envs.math_task import (
 )
 
 
+BUCKETS = 20
+
+
 def _params(train: list[Path], test: list[Path] | None = None) -> MathParams:
-    return MathParams(tuple(map(str, train)), tuple(map(str, test or [])), 5.0, 1, 512)
+    return MathParams(tuple(map(str, train)), tuple(map(str, test or [])), 5.0, 1, 512, BUCKETS, "local", None, 1024, 64)
 
 
 def _verl_rows(n: int, start: int = 0) -> list[dict[str, object]]:
@@ -103,8 +105,8 @@ def test_held_out_slice_is_hash_based_and_disjoint(tmp_path: Path) -> None:
     test_pool = source.pool("test")
     assert test_pool and not train_ids & {t.task_id for t in test_pool}
     assert len(train_ids) + len(test_pool) == 400
-    assert all(held_out(t.prompt.removesuffix(ANSWER_SUFFIX)) for t in test_pool)
-    assert 400 / HELD_OUT_BUCKETS / 3 < len(test_pool) < 400 / HELD_OUT_BUCKETS * 3
+    assert all(held_out(t.prompt.removesuffix(ANSWER_SUFFIX), BUCKETS) for t in test_pool)
+    assert 400 / BUCKETS / 3 < len(test_pool) < 400 / BUCKETS * 3
 
 
 def test_env_scores_boxed_answers_and_runs_the_sandbox(tmp_path: Path) -> None:
@@ -128,4 +130,4 @@ def test_env_scores_boxed_answers_and_runs_the_sandbox(tmp_path: Path) -> None:
 
 def test_params_validation() -> None:
     with pytest.raises(ValueError, match="train_files"):
-        MathParams((), (), 5.0, 1, 512)
+        MathParams((), (), 5.0, 1, 512, BUCKETS, "local", None, 1024, 64)

@@ -9,6 +9,7 @@ from spear.models.tokenizer import (
     IM_END,
     IM_START,
     MARKUP_TOKENS,
+    NUMBER_TOKENS,
     PAD,
     Conversation,
     TokenizerParams,
@@ -52,12 +53,17 @@ def test_markup_tokens_are_single_tokens(tok) -> None:
     assert tok.eos_token == IM_END
     assert tok.pad_token == PAD
     assert tok.pad_token_id != tok.eos_token_id
-    assert len(tok) <= 400
+    assert len(tok) <= 400 + NUMBER_TOKENS
 
 
-def test_digits_are_single_tokens(tok) -> None:
-    pieces = tok.convert_ids_to_tokens(tok("12345 67", add_special_tokens=False)["input_ids"])
-    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["1", "2", "3", "4", "5", "6", "7"]
+def test_numbers_are_three_digit_chunks(tok) -> None:
+    # every number below 1000 is one token (even ones the corpus never held); longer digit runs
+    # are cut left to right into chunks of three: 1234567 -> 123 456 7, 4007 -> 400 7
+    for n in (0, 7, 42, 999, 555, 318):
+        assert len(tok(str(n), add_special_tokens=False)["input_ids"]) == 1, n
+    pieces = tok.convert_ids_to_tokens(tok("1234567 x4007, 12", add_special_tokens=False)["input_ids"])
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["123", "456", "7", "400", "7", "12"]
+    assert tok.decode(tok("a 4007-12*3", add_special_tokens=False)["input_ids"]) == "a 4007-12*3"
 
 
 def test_template_layout(tok, convs: list[Conversation]) -> None:
