@@ -26,6 +26,9 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would break the live display
 
 
 def _run_dir(cfg_run_dir: str | None, preset: str | None) -> Path:
@@ -114,7 +117,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.name == "list":
-        console.print("\n".join(["default"] + preset_names()))
+        console.print("\n".join(["default", *preset_names()]))
         return 0
     cfg = load_config(file=DEFAULT_RUN_CONFIG) if args.name == "default" else load_config(preset=args.name, overrides=args.overrides)
     sys.stdout.write(config_to_yaml(cfg))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ import torch
 from torch import Tensor
 
 from spear.build import Components, build_components
-from spear.checkpoint import TrainerState, capture_rng, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from spear.checkpoint import (
+    TrainerState,
+    capture_rng,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+)
 from spear.config import Config
 from spear.filters import apply_group_filter, apply_response_filters
 from spear.metrics import MetricLogger, sync_metrics
@@ -101,7 +109,10 @@ class Trainer:
             m.update(self._self_imitation(step))
         if c.buffer is not None:
             m.update({f"replay/{k}": v for k, v in c.buffer.add(samples, step).as_metrics().items()})
-        c.policy.scheduler.step()
+            m.update({f"replay/{k}": v for k, v in c.buffer.metrics(step).items()})
+        with warnings.catch_warnings():  # the LR schedule is per training step, even one whose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            c.policy.scheduler.step()  # updates were all skipped (torch warns about that)
         self.step = step
         return self._finish_metrics(m, episodes, timer)
 

@@ -73,7 +73,7 @@ def test_bad_schedule_names_the_field():
 def test_override_parsing():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     assert parse_override("a=[1, 2]") == {"a": [1, 2]}
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("nonsense")
 
 

@@ -159,7 +159,7 @@ class Calculator:
 
     name = "calculator"
     description = "Evaluate an arithmetic expression."
-    parameters: dict[str, Any] = {
+    parameters: dict[str, Any] = {  # noqa: RUF012 (the Tool protocol declares an attribute)
         "type": "object",
         "properties": {"expression": {"type": "string"}},
         "required": ["expression"],

@@ -84,7 +84,7 @@ def test_env_host_reset_reuses_the_env_of_an_id() -> None:
     host = EnvHost(ScriptedEnv)
     host.reset(3, _task(0), None)
     host.step(3, "say a")
-    _, info = host.reset(3, _task(1), 1)
+    host.reset(3, _task(1), 1)
     assert host.num_envs() == 1
     assert host.step(3, "say b").info["turns"] == 1  # the reset restarted the turn count
 

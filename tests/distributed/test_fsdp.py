@@ -7,7 +7,6 @@ single-process ``policy_update`` on the whole batch.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path

@@ -17,7 +17,6 @@ from spear.envs.math_task import (
     load_problems,
 )
 
-
 BUCKETS = 20
 
 
