@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from spear.config import DEFAULT_RUN_CONFIG, ConfigError, config_to_yaml, load_config, preset_names
@@ -38,7 +40,7 @@ def _run_dir(cfg_run_dir: str | None, preset: str | None) -> Path:
 
 
 def _fail(msg: str) -> int:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)  # one line, as written
     return 2
 
 
@@ -59,8 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     console.print(f"[bold]spear[/] training [cyan]{cfg.preset or 'custom'}[/] on task [cyan]{cfg.task.name}[/] for {cfg.trainer.steps} steps -> {run_dir}")
-    with console.status("building the model (first run: tokenizer, tiny model and warm start, cached)..."):
-        trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    try:
+        with console.status("building the model (first run: tokenizer, tiny model and warm start, cached)..."):
+            trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    except BaseException:
+        if not args.resume:  # a run that never started leaves no directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     before = None
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -119,7 +126,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.name == "list":
         console.print("\n".join(["default", *preset_names()]))
         return 0
-    cfg = load_config(file=DEFAULT_RUN_CONFIG) if args.name == "default" else load_config(preset=args.name, overrides=args.overrides)
+    cfg = load_config(file=DEFAULT_RUN_CONFIG, overrides=args.overrides) if args.name == "default" else load_config(preset=args.name, overrides=args.overrides)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
@@ -161,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as e:
         return _fail(str(e))
-    except (FileNotFoundError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:  # e.g. a config path that is a directory
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 

@@ -18,8 +18,11 @@ def evaluate_checkpoint(ckpt: Path, overrides: Sequence[str] = ()) -> dict[str, 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{cfg_file} not found: the checkpoint must sit inside its run directory")
-    cfg = load_config(file=cfg_file, overrides=[f"model.path={ckpt / 'model'}", "model.lora.enabled=false", *overrides])
-    trainer = Trainer(cfg, Path(ckpt / "eval"), resume=False)
+    fixed = [f"model.path={ckpt / 'model'}", "model.lora.enabled=false", "logging.tensorboard=false", "logging.wandb=false"]
+    cfg = load_config(file=cfg_file, overrides=[*fixed, *overrides])
+    out_dir = ckpt / "eval"  # the evaluation's metrics.jsonl is kept beside the checkpoint
+    out_dir.mkdir(exist_ok=True)
+    trainer = Trainer(cfg, out_dir, resume=False)
     try:
         return trainer.evaluate()
     finally:

@@ -43,7 +43,8 @@ def load_pretrained(path: str, tokenizer_path: str | None, dtype: str) -> tuple[
     """Load a Hugging Face causal LM and tokenizer from a local dir (or hub id if online)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).expanduser().exists() and "/" not in path:
+    local = path.startswith(("/", ".", "~")) or "/" not in path  # else maybe a hub id "org/name"
+    if local and not Path(path).expanduser().exists():
         raise ModelLoadError(f"model.path {path!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_path or path)

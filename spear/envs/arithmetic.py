@@ -240,14 +240,16 @@ def generate_problem(rng: random.Random, difficulty: int) -> Problem:
     """A random problem with ``difficulty`` operations; the answer is always a positive integer.
 
     Up to ``SMALL_DIFFICULTY`` every number involved is below ``SMALL_LIMIT`` (drawn again until
-    it is); above it, operands have up to four digits.
+    it is); above it, operands have up to four digits. The answer never equals the problem's first
+    number (e.g. ``302+15-15`` is drawn again), so copying that number is always wrong.
     """
     if not 1 <= difficulty <= MAX_DIFFICULTY:
         raise ValueError(f"difficulty must be in 1..{MAX_DIFFICULTY}, got {difficulty}")
     small = difficulty <= SMALL_DIFFICULTY
     while True:
         problem, largest = _draw_problem(rng, difficulty, small)
-        if not small or largest < SMALL_LIMIT:
+        first = int(problem.expression.split("*")[0].split("+")[0].split("-")[0])
+        if (not small or largest < SMALL_LIMIT) and problem.answer != first:
             return problem
 
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # bump when demo generation or training changes in a way params do not show
+CACHE_VERSION = 5  # bump when demo generation or training changes in a way params do not show
 WARMUP_FRACTION = 0.05  # linear LR warm-up over this share of the steps, then cosine decay to 0
 REPORT_FILE = "warmstart.json"
 
@@ -155,7 +155,7 @@ def boxed(answer: str) -> str:
 def naive_guess(expression: str) -> str:
     """The answer of a model that does not calculate: the first number of the problem.
 
-    It is always wrong (every problem applies at least one operation with an operand >= 10) and
+    It is always wrong (the generator never draws a problem whose answer is its first number) and
     it is a copy from the prompt, so guess demos teach the format and copying without teaching
     arithmetic the tiny model could not learn anyway.
     """
