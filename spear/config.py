@@ -237,7 +237,7 @@ class TrainerConfig(_Section):
     run_dir: str | None = None  # None = runs/<preset>-<timestamp>
     save_every: int = Field(20, ge=0)  # 0 = only at the end
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["local", "ray"] = "local"
+    backend: Literal["local"] = "local"  # in-process; a Ray backend is not available yet
     num_threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
     max_nonfinite_skips: int = Field(10, ge=1)  # consecutive skipped updates before stopping
 
