@@ -92,7 +92,7 @@ def build_config(method: str, seed: int, args: argparse.Namespace) -> Config:
     layer = {k: default[k] for k in sections if k in default}
     overrides = [
         f"trainer.seed={seed}",
-        "trainer.save_every=0",
+        f"trainer.save_every={args.save_every}",
         f"trainer.num_threads={args.threads}",
         "logging.progress=false",
         "logging.tensorboard=false",
@@ -330,7 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-tasks", type=int, default=None, help="override eval.num_tasks")
     p.add_argument("--cache-dir", default="~/.cache/spear", help="warm-model cache (model.cache_dir)")
     p.add_argument("--threads", type=int, default=2, help="trainer.num_threads")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="trainer.save_every (0 = only the final checkpoint); checkpoints are "
+                   "deleted once a run is summarised, a killed run resumes from the latest")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--summary-only", action="store_true",
+                   help="only rewrite summary.json / summary.md / plots from finished runs")
     args = p.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = build_config(m, args.seeds[0], args)
         settings[m] = {k: _get(cfg, k) for k in KEY_SETTINGS}
 
+    if args.summary_only:
+        write_summary(out, runs, settings)
+        print((out / "summary.md").read_text())
+        return 0
     for seed in args.seeds:  # seed-major: a partial benchmark has every method on the same seeds
         for m in args.methods:
             cfg = build_config(m, seed, args)
