@@ -70,6 +70,10 @@ class MathParams:
     def __post_init__(self) -> None:
         if not self.train_files:
             raise ValueError("task.train_files must name at least one JSONL or Parquet file")
+        if self.sandbox not in ("local", "fusion"):
+            raise ValueError(f"sandbox must be 'local' or 'fusion', got {self.sandbox!r}")
+        if self.sandbox == "fusion" and not self.sandbox_url:
+            raise ValueError("sandbox='fusion' needs sandbox_url (the SandboxFusion server)")
         if not self.tool_timeout_s > 0:
             raise ValueError(f"tool_timeout_s must be > 0, got {self.tool_timeout_s}")
         if self.max_calls_per_turn < 1:
@@ -243,7 +247,7 @@ class MathTasks:
             )
             backend: Backend = (
                 SandboxFusionClient(p.sandbox_url, limits)
-                if p.sandbox == "fusion" and p.sandbox_url
+                if p.sandbox == "fusion" and p.sandbox_url is not None
                 else LocalSandbox(limits)
             )
             self._tool = CodeInterpreter(backend, preamble=MATH_PREAMBLE)
