@@ -26,11 +26,11 @@ from spear.envs.sandbox import (
     LocalSandbox,
     SandboxFusionClient,
     SandboxLimits,
-    _CappedBuffer,
-    _count_tasks,
     middle_truncate,
     strip_code_fences,
 )
+from spear.envs.sandbox_common import CappedBuffer
+from spear.envs.sandbox_local import _count_tasks
 
 LIMITS = dataclasses.replace(
     DEFAULT_LIMITS,
@@ -301,12 +301,12 @@ def test_middle_truncate() -> None:
 
 
 def test_capped_buffer_keeps_head_and_tail() -> None:
-    buf = _CappedBuffer(10)
+    buf = CappedBuffer(10)
     for chunk in (b"01234", b"56789", b"abcde", b"fghij"):
         buf.add(chunk)
     assert buf.total == 20
     assert buf.text() == "01234\n...[output truncated: 10 bytes not shown]...\nfghij"
-    small = _CappedBuffer(100)
+    small = CappedBuffer(100)
     small.add(b"hello")
     assert small.text() == "hello"
 
