@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from spear.config import DEFAULT_RUN_CONFIG, ConfigError, config_to_yaml, load_config, preset_names
 
 console = Console(stderr=False)
+err_console = Console(stderr=True)  # errors go to stderr, so piped results stay clean
 log = logging.getLogger("spear")
 
 
@@ -40,7 +41,7 @@ def _run_dir(cfg_run_dir: str | None, preset: str | None) -> Path:
 
 
 def _fail(msg: str) -> int:
-    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)  # one line, as written
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)  # one line, as written
     return 2
 
 

@@ -25,6 +25,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def narrow_console(monkeypatch: pytest.MonkeyPatch) -> None:
     # A fixed, narrow width: a long message must still come out as one line (no wrapping).
     monkeypatch.setattr(cli.console, "width", 60)
+    monkeypatch.setattr(cli.err_console, "width", 60)
 
 
 @pytest.fixture
@@ -166,6 +167,14 @@ def test_config_errors_are_one_line(
     line = error_line(out)
     for needle in needles:
         assert needle in line
+
+
+def test_errors_go_to_stderr_not_stdout(capsys: pytest.CaptureFixture[str], no_training: None) -> None:
+    rc = cli.main(["train", "optim.lrr=1"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert "optim.lrr" in _ANSI.sub("", err)
+    assert "error" not in out
 
 
 def test_bad_preset_choice_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
