@@ -1,7 +1,7 @@
 """Env-worker throughput of spear.distributed.RayEnvPool as the pool grows.
 
 Steps ``--episodes`` episodes in lockstep rounds through ``RayEnvPool.step_many`` (one remote call
-per worker per round) with 1, 2 and 4 workers, for two synthetic env profiles:
+per worker per round) with 1, 2 and 4 workers, for three synthetic env profiles:
 
 * ``cpu``: each step busy-waits ``--step-ms`` of CPU (a text game's or tool's Python work);
 * ``wait``: each step sleeps ``--step-ms`` (a sandbox subprocess, an HTTP env server);
@@ -10,9 +10,12 @@ per worker per round) with 1, 2 and 4 workers, for two synthetic env profiles:
   drives envs).
 
 An in-process serial loop over the same envs (no Ray) is the baseline. Results are env steps per
-second (median of ``--repeats``), written as a Markdown table.
+second (median of ``--repeats``), with ratios against the serial loop and against the smallest
+pool of the same run, printed (and written with ``--out``) as a Markdown table.
 
-    python benchmarks/env_pool_throughput.py --workers 1 2 4 --out benchmarks/env_pool_throughput.md
+    python benchmarks/env_pool_throughput.py --workers 1 2 4 --out /tmp/env_pool_table.md
+
+The recorded run and its reading are in ``benchmarks/env_pool_throughput.md``.
 """
 
 from __future__ import annotations
@@ -123,24 +126,28 @@ def per_call_rate(
         pool.shutdown()
 
 
-def _measure(
-    profile: str, factory: EnvFactory, args: argparse.Namespace, cpus: float
-) -> list[tuple[str, str, float, float]]:
+Row = tuple[str, str, float, float, float | None]  # profile, runner, steps/s, vs serial, vs 1st
+
+
+def _measure(profile: str, factory: EnvFactory, args: argparse.Namespace, cpus: float) -> list[Row]:
     base = statistics.median(
         baseline(factory, args.episodes, args.rounds) for _ in range(args.repeats)
     )
-    rows = [(profile, "in-process, serial", base, 1.0)]
+    rows: list[Row] = [(profile, "in-process, serial", base, 1.0, None)]
     runners: list[tuple[str, Any]] = [("step_many", pool_rate)]
     if profile == "noop":
         runners.append(("RemoteEnv.step per call", per_call_rate))
     for name, fn in runners:
+        first: float | None = None
         for w in args.workers:
             rate = statistics.median(
                 fn(factory, w, args.episodes, args.rounds, cpus) for _ in range(args.repeats)
             )
-            rows.append((profile, f"{w} worker(s), {name}", rate, rate / base))
+            first = first or rate
+            rows.append((profile, f"{w} worker(s), {name}", rate, rate / base, rate / first))
             print(
-                f"{profile:5s} {w} workers {name}: {rate:9.1f} steps/s (x{rate / base:.2f})",
+                f"{profile:5s} {w} workers {name}: {rate:9.1f} steps/s "
+                f"(x{rate / base:.2f} serial, x{rate / first:.2f} vs {args.workers[0]} worker(s))",
                 flush=True,
             )
     return rows
@@ -166,8 +173,14 @@ def main() -> None:
     ):
         rows += _measure(profile, EnvFactory(step_ms, busy), args, cpus_per_worker)
     ray.shutdown()
-    table = ["| env profile | runner | env steps / s | vs in-process |", "|---|---|---:|---:|"]
-    table += [f"| {p} | {r} | {v:.1f} | {x:.2f}x |" for p, r, v, x in rows]
+    table = [
+        f"| env profile | runner | env steps / s | vs in-process | vs {args.workers[0]} worker(s) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    table += [
+        f"| {p} | {r} | {v:.1f} | {x:.2f}x | {'' if w is None else f'{w:.2f}x'} |"
+        for p, r, v, x, w in rows
+    ]
     text = "\n".join(table)
     print(text)
     if args.out is not None:

@@ -62,16 +62,21 @@ class Components:
     eval_loop_params: LoopParams
 
 
+def model_dir(cfg: Config) -> str:
+    """Where the policy's initial weights load from: ``model.path``, or the built-in model's
+    warm-started cache directory (built on first use)."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from spear.models.warmstart import WarmStartParams, ensure_warm_model
+
+    warm = WarmStartParams.from_config(cfg)
+    return str(ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), warm, cfg.model.warm_start.seed))
+
+
 def build_policy(cfg: Config) -> Policy:
     device = resolve_device(cfg.trainer.device)
-    if cfg.model.path is None:
-        from spear.models.warmstart import WarmStartParams, ensure_warm_model
-
-        warm = WarmStartParams.from_config(cfg)
-        path = ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), warm, cfg.model.warm_start.seed)
-        model, tok = load_pretrained(str(path), None, cfg.model.dtype)
-    else:
-        model, tok = load_pretrained(cfg.model.path, cfg.model.tokenizer_path, cfg.model.dtype)
+    tokenizer_path = cfg.model.tokenizer_path if cfg.model.path is not None else None
+    model, tok = load_pretrained(model_dir(cfg), tokenizer_path, cfg.model.dtype)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg)
     if cfg.model.gradient_checkpointing:

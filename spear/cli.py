@@ -15,7 +15,15 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from spear.config import DEFAULT_RUN_CONFIG, ConfigError, config_to_yaml, load_config, preset_names
+from spear.config import (
+    DEFAULT_RUN_CONFIG,
+    ConfigError,
+    config_to_yaml,
+    load_config,
+    preset_names,
+    run_config_names,
+    run_config_path,
+)
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)  # errors go to stderr, so piped results stay clean
@@ -54,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _fail(f"--resume {run_dir}: no config.yaml there; is it a spear run directory?")
         cfg = load_config(file=run_dir / "config.yaml", overrides=args.overrides)
     else:
-        file = args.config if args.config else (None if args.preset else DEFAULT_RUN_CONFIG)
+        file = run_config_path(args.config) if args.config else (None if args.preset else DEFAULT_RUN_CONFIG)
         cfg = load_config(preset=args.preset, file=file, overrides=args.overrides)
         run_dir = _run_dir(cfg.trainer.run_dir, cfg.preset)
         if run_dir.exists():
@@ -125,9 +133,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.name == "list":
-        console.print("\n".join(["default", *preset_names()]))
+        console.print("\n".join([*run_config_names(), *preset_names()]))
         return 0
-    cfg = load_config(file=DEFAULT_RUN_CONFIG, overrides=args.overrides) if args.name == "default" else load_config(preset=args.name, overrides=args.overrides)
+    if args.name in run_config_names():  # a shipped run config: default, textworld
+        cfg = load_config(file=run_config_path(args.name), overrides=args.overrides)
+    else:
+        cfg = load_config(preset=args.name, overrides=args.overrides)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
@@ -138,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (no arguments: SPEAR on the built-in tool task, CPU, minutes)",
                        description="Train. Layers: defaults <- --preset <- CONFIG file <- section.key=value overrides.")
-    t.add_argument("config", nargs="?", help="YAML config file (default: the embedded default run)")
+    t.add_argument("config", nargs="?", help="YAML config file or a shipped run config name (default, textworld); default: the embedded default run")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. trainer.steps=10 optim.lr=1e-5")
     t.add_argument("--preset", choices=preset_names(), help="algorithm preset")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
@@ -152,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
     c = sub.add_parser("config", help="show a resolved config: `spear config show PRESET|default`, `spear config show list`")
     c.add_argument("action", choices=["show"])
-    c.add_argument("name", help="a preset name, 'default' (the embedded run) or 'list'")
+    c.add_argument("name", help="a preset name, a shipped run config (default, textworld) or 'list'")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
     return p

@@ -57,6 +57,7 @@ class WarmStartConfig(_Section):
     frac_tool: float = Field(0.35, ge=0, le=1)  # correct tool use
     frac_guess: float = Field(0.55, ge=0, le=1)  # no tool, guessed answer
     frac_bad_call: float = Field(0.10, ge=0, le=1)  # malformed or wrong calls
+    random_action_rate: float = Field(0.3, ge=0, le=1)  # textworld: random admissible actions
     seed: int = 0  # the warm model is shared by runs of any trainer.seed (and cached once)
 
     @model_validator(mode="after")
@@ -122,6 +123,18 @@ class RolloutConfig(_Section):
     env_step_timeout_s: float = Field(10.0, gt=0)
     tool_timeout_s: float = Field(5.0, gt=0)
     max_observation_chars: int = Field(512, ge=16)
+    # True: old log-probs are a fresh forward pass of the policy before the update (verl's way);
+    # False: the sampler's own log-probs (saves that pass; needs untruncated sampling)
+    recompute_old_logprobs: bool = True
+
+    @model_validator(mode="after")
+    def _sampler_logprobs(self) -> RolloutConfig:
+        if not self.recompute_old_logprobs and (self.top_p < 1 or self.top_k):
+            raise ValueError(
+                "recompute_old_logprobs=false uses the sampler's log-probs, which top_p / top_k "
+                "truncate: set rollout.top_p=1 and rollout.top_k=0, or recompute_old_logprobs=true"
+            )
+        return self
 
 
 class ToolBonusConfig(_Section):
@@ -168,7 +181,7 @@ class LossConfig(_Section):
     clip_high: float = Field(0.2, gt=0)
     clip_c: float = Field(3.0, gt=1)  # dual clip
     aggregation: str = "token-mean"
-    max_response_len: int | None = None  # Dr.GRPO constant; None = rollout.max_response_tokens
+    max_response_len: int | None = None  # Dr.GRPO constant; None = a sample's budget: rollout.max_response_tokens (episode layout) or max_new_tokens (turn)
     entropy_coef: float = 0.0
     kl_coef: float = Field(0.0, ge=0)
     kl_type: str = "k3"
@@ -231,13 +244,74 @@ class LoggingConfig(_Section):
     progress: bool = True
 
 
+class DistributedConfig(_Section):
+    """Scale-out on Ray and torch.distributed, used when ``trainer.backend=ray``.
+
+    A count of 0 keeps that part in the driver process (``env_workers=0``: envs run in the
+    driver's threads; ``rollout_workers=0``: the driver generates; ``train_ranks=0``: the driver
+    updates). CPU requests may be fractional: an actor asking for more CPUs than a node has
+    would wait forever, so requests are checked against the cluster (and against ``num_cpus``
+    here when a local cluster is started).
+    """
+
+    address: str | None = None  # None: start a local Ray cluster; "auto" / "host:port": join one
+    num_cpus: int | None = Field(None, ge=1)  # local cluster size; None = all of this machine
+    env_workers: int = Field(2, ge=0)  # env-worker actors (episodes spread over them)
+    cpus_per_env_worker: float = Field(0.25, gt=0)
+    env_worker_concurrency: int = Field(16, ge=1)  # env calls one env worker runs at once
+    rollout_workers: int = Field(1, ge=0)  # engine replicas in data parallel
+    driver_generates: bool = False  # the driver's engine takes one share next to the workers
+    cpus_per_rollout_worker: float = Field(0.5, gt=0)
+    gpus_per_rollout_worker: float = Field(0.0, ge=0)  # > 0: the engine runs on a GPU
+    rollout_engine: Literal["hf", "vllm"] = "hf"  # vllm: pip install 'spear[vllm]', GPUs only
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    train_ranks: int = Field(0, ge=0)  # FSDP2 data-parallel ranks as actors
+    cpus_per_train_rank: float = Field(0.5, gt=0)
+    gpus_per_train_rank: float = Field(0.0, ge=0)  # > 0: NCCL ranks on GPUs; 0: gloo on CPU
+    worker_threads: int = Field(1, ge=1)  # torch threads in each rollout worker / train rank
+    call_timeout_s: float = Field(300.0, gt=0)  # per remote call; a worker missing it has crashed
+    start_timeout_s: float = Field(180.0, gt=0)  # for a new actor to answer (or ranks to join)
+
+    @model_validator(mode="after")
+    def _fits(self) -> DistributedConfig:
+        if self.rollout_engine == "vllm" and self.gpus_per_rollout_worker <= 0:
+            raise ValueError(
+                "rollout_engine=vllm needs GPUs: set distributed.gpus_per_rollout_worker (e.g. 1)"
+            )
+        if self.rollout_engine == "vllm" and self.rollout_workers == 0:
+            raise ValueError("rollout_engine=vllm runs in rollout workers: set rollout_workers >= 1")
+        if self.driver_generates and self.rollout_engine != "hf":
+            raise ValueError("driver_generates shares the work with HF replicas only (rollout_engine=hf)")
+        if self.num_cpus is None or self.address is not None:
+            return self  # a cluster joined at run time is checked at run time
+        parts = (
+            ("env_workers", "cpus_per_env_worker", self.env_workers, self.cpus_per_env_worker),
+            ("rollout_workers", "cpus_per_rollout_worker", self.rollout_workers, self.cpus_per_rollout_worker),
+            ("train_ranks", "cpus_per_train_rank", self.train_ranks, self.cpus_per_train_rank),
+        )  # fmt: skip
+        for _, per, count, cpus in parts:
+            if count and cpus > self.num_cpus:
+                raise ValueError(
+                    f"{per}={cpus:g} exceeds num_cpus={self.num_cpus}: such an actor would wait "
+                    "forever; request a fraction (e.g. 0.25)"
+                )
+        total = sum(count * cpus for _, _, count, cpus in parts)
+        if total > self.num_cpus + 1e-9:
+            asked = " + ".join(f"{count} {n} x {cpus:g}" for n, _, count, cpus in parts if count)
+            raise ValueError(
+                f"{asked} = {total:g} CPUs exceeds num_cpus={self.num_cpus}; lower the per-actor "
+                "CPUs (fractions are fine) or the counts"
+            )
+        return self
+
+
 class TrainerConfig(_Section):
     steps: int = Field(40, ge=0)
     seed: int = 0
     run_dir: str | None = None  # None = runs/<preset>-<timestamp>
     save_every: int = Field(20, ge=0)  # 0 = only at the end
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["local"] = "local"  # in-process; a Ray backend is not available yet
+    backend: Literal["local", "ray"] = "local"  # ray: scale out as `distributed` says
     num_threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
     max_nonfinite_skips: int = Field(10, ge=1)  # consecutive skipped updates before stopping
 
@@ -256,6 +330,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     trainer: TrainerConfig = TrainerConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -295,7 +370,10 @@ class Config(_Section):
 
     @property
     def dr_grpo_len(self) -> int:
-        return self.loss.max_response_len or self.rollout.max_response_tokens
+        """The Dr.GRPO constant: a sample's response budget. In the turn layout a sample is one
+        turn (at most ``max_new_tokens``), as the reference's per-turn ``max_response_length``."""
+        per_sample = self.rollout.max_new_tokens if self.rollout.layout == "turn" else self.rollout.max_response_tokens
+        return self.loss.max_response_len or per_sample
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,6 +426,24 @@ def parse_override(text: str) -> dict[str, Any]:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def run_config_names() -> list[str]:
+    """The run configs shipped with spear (``spear/configs/<name>.yaml``), ``default`` first."""
+    names = sorted(p.stem for p in DEFAULT_RUN_CONFIG.parent.glob("*.yaml"))
+    return sorted(names, key=lambda n: n != "default")
+
+
+def run_config_path(name_or_path: str) -> Path:
+    """A YAML path as given, or a shipped run config's path when given its name (``textworld``).
+
+    An existing file wins over a shipped name; anything else is returned unchanged, so loading it
+    reports the missing file.
+    """
+    path = Path(name_or_path)
+    if not path.exists() and name_or_path in run_config_names():
+        return DEFAULT_RUN_CONFIG.parent / f"{name_or_path}.yaml"
+    return path
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:

@@ -83,6 +83,25 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, total_steps: i
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def loss_positions(loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` of the tokens whose log-prob is needed: ``loss_mask > 0``, column 0 excluded
+    (it has no prefix). Row-major order."""
+    where = loss_mask > 0
+    where[:, 0] = False
+    rows, cols = where.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def scatter_tokens(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
+    """``values [1, M]`` placed at ``(rows, cols)`` of a zero ``[N, T]`` tensor (differentiable)."""
+    return values.new_zeros(shape).index_put((rows, cols), values[0])
+
+
+def length_order(attention_mask: Tensor) -> Tensor:
+    """Row indices sorted by sequence length (ties keep row order). ``[N, T] -> [N]`` long."""
+    return torch.argsort(attention_mask.sum(dim=1), stable=True)
+
+
 @dataclass
 class Policy:
     model: nn.Module
@@ -101,24 +120,41 @@ class Policy:
         return base.get_decoder(), base.get_output_embeddings()
 
     def forward_logprobs(self, batch: TokenBatch, *, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-        """Log-probs ``[N, T]`` (and entropy ``[N, T]``) of ``batch.input_ids``; column 0 is 0."""
+        """Log-probs ``[N, T]`` (and entropy ``[N, T]``) of ``batch.input_ids`` at the positions
+        where ``batch.loss_mask > 0``; every other entry (prompt, observation and padding
+        tokens, column 0) is 0.
+
+        Only those positions go through the LM head and the softmax: the decoder runs on every
+        token, but prompt and observation positions, which no loss or metric reads, cost no
+        ``[*, V]`` projection.
+        """
         decoder, head = self._decoder_and_head()
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        rows, cols = loss_positions(batch.loss_mask)  # token (rows, cols) is scored from hidden (rows, cols - 1)
         lp, ent = logprobs_from_hidden(
-            hidden[:, :-1], head.weight, batch.input_ids[:, 1:],
+            hidden[rows, cols - 1][None], head.weight, batch.input_ids[rows, cols][None],
             temperature=temperature, chunk_size=LOGPROB_CHUNK, with_entropy=with_entropy,
         )
-        pad = torch.zeros_like(lp[:, :1])
-        return torch.cat([pad, lp], dim=1), (torch.cat([pad, ent], dim=1) if ent is not None else None)
+        shape = batch.input_ids.shape
+        if rows.numel() == 0:  # nothing to score: zeros that still depend on the model (backward works)
+            zero = hidden[..., 0] * 0.0
+            return zero.float(), (zero.float() if with_entropy else None)
+        return scatter_tokens(lp, rows, cols, shape), (scatter_tokens(ent, rows, cols, shape) if ent is not None else None)
 
     @torch.no_grad()
     def batch_logprobs(self, batch: TokenBatch, *, micro_batch_size: int, temperature: float) -> Tensor:
-        """Log-probs of a whole batch without gradients, micro-batch by micro-batch. ``[N, T]``."""
+        """Log-probs of a whole batch without gradients, micro-batch by micro-batch. ``[N, T]``.
+
+        Rows are grouped into micro-batches in order of length (:func:`length_order`), so each
+        micro-batch is padded only to its own similar-length rows; the output is in row order.
+        Each row's values do not depend on its micro-batch partners beyond float rounding.
+        """
         was_training = self.model.training
         self.model.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        order = length_order(batch.attention_mask)
         for start in range(0, batch.num_rows, micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
+            rows = order[start : start + micro_batch_size]
             micro = batch.select(rows).to(self.device)
             lp, _ = self.forward_logprobs(micro, temperature=temperature, with_entropy=False)
             out[rows, : lp.shape[1]] = lp.float().cpu()

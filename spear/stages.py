@@ -8,6 +8,7 @@ tensors or floats; none of them holds algorithm math of its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -67,6 +68,14 @@ def compute_advantages(samples: Sequence[Sample], cfg: Config) -> dict[str, Tens
     return {"adv/mean": adv.mean(), "adv/abs_mean": adv.abs().mean(), "adv/positive_frac": (adv > 0).double().mean()}
 
 
+def response_masks(samples: Sequence[Sample], shape: torch.Size) -> Tensor:
+    """Each sample's own loss mask (filtered or not), right-padded to ``shape`` ``[N, T]``."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        out[i, : s.num_tokens] = s.loss_mask.float()
+    return out
+
+
 def fill_old_logprobs(policy: Policy, samples: Sequence[Sample], cfg: Config) -> None:
     """Old log-probs: the current policy (before this step's update) on the collected tokens.
 
@@ -76,6 +85,9 @@ def fill_old_logprobs(policy: Policy, samples: Sequence[Sample], cfg: Config) ->
     if not samples:
         return
     batch = TokenBatch.collate(samples, pad_id=policy.tokenizer.pad_token_id)
+    # Log-probs are computed where the loss mask is set; give filtered samples (all-zero mask in
+    # a collated batch) their own response mask so they get behaviour log-probs too.
+    batch = replace(batch, loss_mask=response_masks(samples, batch.loss_mask.shape))
     lp = policy.batch_logprobs(batch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature)
     for i, s in enumerate(samples):
         s.behavior_logprobs = lp[i, : s.num_tokens] * s.loss_mask.float()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spear.backends import Backend, RolloutRequest, build_backend
 from spear.build import Components, build_components
 from spear.checkpoint import (
     TrainerState,
@@ -39,10 +40,9 @@ from spear.filters import apply_group_filter, apply_response_filters
 from spear.metrics import MetricLogger, sync_metrics
 from spear.replay import ReplayBatch
 from spear.rewards import assign_rewards
-from spear.rollout.loop import run_episodes
+from spear.rollout.loop import RolloutTimes
 from spear.stages import compute_advantages, episode_metrics, fill_old_logprobs
 from spear.types import Episode, Sample, TokenBatch
-from spear.update import policy_update
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Trainer:
         ckpt = latest_checkpoint(run_dir) if resume else None
         if ckpt is not None:
             self._restore(ckpt)
+        self.backend: Backend = build_backend(cfg, self.c)  # after a restore: workers get its weights
         self.logger = MetricLogger.create(
             run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, config=cfg.model_dump(mode="json"),
@@ -100,8 +101,9 @@ class Trainer:
         episodes, group_m = apply_group_filter(episodes, keep_ratio=cfg.filters.group_keep_ratio, kind=cfg.filters.group_filter_type)
         m.update(group_m)
         samples = [s for e in episodes for s in e.samples]
-        with timer("old_logprobs"):
-            fill_old_logprobs(c.policy, samples, cfg)
+        if cfg.rollout.recompute_old_logprobs:  # else the sampler's log-probs are kept
+            with timer("old_logprobs"):
+                fill_old_logprobs(c.policy, samples, cfg)
         m.update(compute_advantages(samples, cfg))
         with timer("update"):
             m.update(self._update(samples, c.update, _UPDATE, step, scale=1.0, prefix="actor"))
@@ -113,6 +115,8 @@ class Trainer:
         with warnings.catch_warnings():  # the LR schedule is per training step, even one whose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             c.policy.scheduler.step()  # updates were all skipped (torch warns about that)
+        self.backend.sync_weights(c.policy)
+        m.update(self.backend.metrics())
         self.step = step
         return self._finish_metrics(m, episodes, timer)
 
@@ -120,19 +124,19 @@ class Trainer:
         cfg = self.cfg
         tasks = self.c.source.tasks("train", cfg.rollout.tasks_per_step, seed=self._task_seed(step))
         n = cfg.rollout.tasks_per_step * cfg.rollout.group_size
-        return run_episodes(
-            self.c.engine, self.c.policy.tokenizer, self.c.source.make_env, tasks,
-            group_size=cfg.rollout.group_size, params=self.c.loop_params, step=step,
+        self._rollout_times = RolloutTimes()  # read by _finish_metrics (time/generation, time/env)
+        request = RolloutRequest(
+            tasks, group_size=cfg.rollout.group_size, params=self.c.loop_params, step=step,
             first_group_id=step * cfg.rollout.tasks_per_step, first_episode_id=step * n,
-            generator=stage_generator(cfg.trainer.seed, step, _SAMPLING), tools=self.c.source.tools(),
         )
+        return self.backend.rollout(request, stage_generator(cfg.trainer.seed, step, _SAMPLING), self._rollout_times)
 
     def _update(self, samples: Sequence[Sample], settings, stage: int, step: int, *, scale: float, prefix: str) -> dict[str, Tensor | float]:
         trainable = [s for s in samples if not s.is_filtered and s.num_response_tokens > 0]
         if not trainable:
             return {f"{prefix}/optimizer_steps": 0.0}
         batch = TokenBatch.collate(trainable, pad_id=self.c.policy.tokenizer.pad_token_id)
-        res = policy_update(self.c.policy, batch, settings, stage_generator(self.cfg.trainer.seed, step, stage), loss_scale=scale)
+        res = self.backend.update(self.c.policy, batch, settings, stage_generator(self.cfg.trainer.seed, step, stage), loss_scale=scale)
         self.nonfinite_streak = self.nonfinite_streak + 1 if res.skipped_steps else 0
         if res.skipped_steps:
             log.warning("step %d: skipped %d %s update(s) with a non-finite loss or gradient", step, res.skipped_steps, prefix)
@@ -165,6 +169,9 @@ class Trainer:
         out.update(timer.seconds)
         total = sum(timer.seconds.values())
         out["time/step"] = total
+        rt: RolloutTimes = getattr(self, "_rollout_times", RolloutTimes())  # parts of time/rollout
+        out["time/generation"], out["time/env"] = rt.generation_s, rt.env_s
+        out["time/rollout_other"] = out.get("time/rollout", 0.0) - rt.generation_s - rt.env_s
         tokens = sum(s.num_tokens for e in episodes for s in e.samples)
         out["throughput/tokens_per_s"] = tokens / total if total > 0 else 0.0
         out["lr"] = float(self.c.policy.scheduler.get_last_lr()[0])
@@ -178,11 +185,10 @@ class Trainer:
         """Held-out success on the fixed test tasks (same tasks every time)."""
         c, cfg = self.c, self.cfg
         tasks = c.source.tasks("test", cfg.eval.num_tasks, seed=cfg.trainer.seed)
-        episodes = run_episodes(
-            c.engine, c.policy.tokenizer, c.source.make_env, tasks, group_size=1,
-            params=c.eval_loop_params, step=self.step, first_group_id=0, first_episode_id=0,
-            generator=stage_generator(cfg.trainer.seed, 0, _EVAL), tools=c.source.tools(),
+        request = RolloutRequest(
+            tasks, group_size=1, params=c.eval_loop_params, step=self.step, first_group_id=0, first_episode_id=0
         )
+        episodes = self.backend.rollout(request, stage_generator(cfg.trainer.seed, 0, _EVAL))
         return episode_metrics(episodes, "eval")
 
     # ------------------------------------------------------------------------------ fit
@@ -242,4 +248,5 @@ class Trainer:
         log.info("resumed from %s (step %d)", ckpt, self.step)
 
     def close(self) -> None:
+        self.backend.close()
         self.logger.close()

@@ -16,7 +16,13 @@ import yaml
 import spear.models.warmstart as ws
 import spear.trainer
 from spear import cli
-from spear.config import DEFAULT_RUN_CONFIG, config_to_yaml, load_config, preset_names
+from spear.config import (
+    DEFAULT_RUN_CONFIG,
+    config_to_yaml,
+    load_config,
+    preset_names,
+    run_config_path,
+)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -101,7 +107,7 @@ def test_train_help_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> No
 def test_config_show_list(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = run(capsys, "config", "show", "list")
     assert rc == 0
-    assert out.splitlines() == ["default", *preset_names()]
+    assert out.splitlines() == ["default", "textworld", *preset_names()]
     assert {"spear", "grpo", "gigpo", "drbot"} <= set(out.splitlines())
 
 
@@ -167,6 +173,20 @@ def test_config_errors_are_one_line(
     line = error_line(out)
     for needle in needles:
         assert needle in line
+
+
+def test_a_shipped_run_config_is_found_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = run(capsys, "config", "show", "textworld")
+    assert rc == 0 and yaml.safe_load(out)["task"]["name"] == "textworld"
+    assert run_config_path("textworld").name == "textworld.yaml"
+    assert run_config_path("no/such.yaml") == Path("no/such.yaml")
+
+
+def test_train_accepts_a_shipped_run_config_name(capsys: pytest.CaptureFixture[str], no_training: None) -> None:
+    # textworld's settings are loaded (and validated) before anything is built; a bad override
+    # then fails naming the field, which shows the name resolved to the shipped file
+    rc, out = run(capsys, "train", "textworld", "rollout.layout=nosuch")
+    assert rc == 2 and "rollout.layout" in out and "does not exist" not in out
 
 
 def test_errors_go_to_stderr_not_stdout(capsys: pytest.CaptureFixture[str], no_training: None) -> None:

@@ -94,3 +94,12 @@ def test_default_run_config_and_yaml_round_trip():
 def test_defaults_have_one_home():
     # Config() with no input is valid: every field has exactly one default, here.
     assert Config().rollout.group_size == 8
+
+
+def test_dr_grpo_constant_is_a_samples_response_budget() -> None:
+    """Episode layout: a sample is the whole episode (max_response_tokens); turn layout: one turn
+    (max_new_tokens), as the reference's per-turn max_response_length; an explicit value wins."""
+    base = ["rollout.max_new_tokens=20", "rollout.max_response_tokens=160"]
+    assert load_config(overrides=[*base, "rollout.layout=episode"]).dr_grpo_len == 160
+    assert load_config(overrides=[*base, "rollout.layout=turn"]).dr_grpo_len == 20
+    assert load_config(overrides=[*base, "rollout.layout=turn", "loss.max_response_len=64"]).dr_grpo_len == 64

@@ -113,3 +113,38 @@ def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
         t.fit(on_step=interrupt)
     t.close()
     assert (tmp_path / "int" / "checkpoints" / "step_000001" / "trainer_state.pt").exists()
+
+
+def test_sampler_logprobs_equal_recomputed_ones(cache_dir, tmp_path):
+    """rollout.recompute_old_logprobs=false keeps the sampler's log-probs: they must be the
+    policy's own log-probs of the collected tokens (multi-turn, with tool observations)."""
+    from spear.stages import fill_old_logprobs
+
+    cfg = _cfg(cache_dir, tmp_path / "run", "rollout.recompute_old_logprobs=false")
+    (tmp_path / "run").mkdir()
+    t = Trainer(cfg, tmp_path / "run")
+    samples = [s for e in t._rollout(1) for s in e.samples]
+    sampled = [s.behavior_logprobs.clone() for s in samples]
+    fill_old_logprobs(t.c.policy, samples, t.cfg)
+    checked = 0
+    for before, s in zip(sampled, samples):
+        mask = s.loss_mask.bool()
+        checked += int(mask.sum())
+        assert torch.allclose(before[mask], s.behavior_logprobs[mask], atol=1e-4), s
+    assert checked > 0
+    t.close()
+
+
+def test_no_recompute_skips_the_old_logprob_pass(cache_dir, tmp_path, monkeypatch):
+    import spear.trainer as trainer_module
+
+    def refuse(*_, **__):
+        raise AssertionError("old log-probs were recomputed")
+
+    monkeypatch.setattr(trainer_module, "fill_old_logprobs", refuse)
+    cfg = _cfg(cache_dir, tmp_path / "run", "rollout.recompute_old_logprobs=false", "replay.enabled=false")
+    (tmp_path / "run").mkdir()
+    t = Trainer(cfg, tmp_path / "run")
+    m = t.train_step()
+    assert "time/old_logprobs" not in m and math.isfinite(m["actor/entropy"])
+    t.close()

@@ -8,10 +8,13 @@ convention that puts that log-prob at column ``t + 1``).
 
 Chunks are over flattened token positions (``chunk_size`` positions each). Each chunk is
 upcast to float32 before the softmax (float64 inputs stay float64). When gradients are
-needed, each chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so the backward
-pass recomputes one chunk's float32 logits at a time instead of keeping all of them alive; with
+needed and the call's float32 logits would exceed :data:`CHECKPOINT_MIN_BYTES`, each chunk runs
+under ``torch.utils.checkpoint`` (non-reentrant), so the backward pass recomputes one chunk's
+float32 logits at a time instead of keeping all of them alive; with
 :func:`logprobs_from_hidden` not even the model-dtype logits of the whole batch are ever
-materialised. Values and gradients equal the naive full-softmax computation.
+materialised. Below that size (small vocabularies, short micro-batches) the chunks keep their
+activations: the recompute would cost a second LM-head pass for no memory worth saving. Values
+and gradients equal the naive full-softmax computation either way (the same operations run).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+CHECKPOINT_MIN_BYTES = (
+    64 * 2**20
+)  # checkpoint the chunks only when a call's float32 logits exceed this
 
 
 def _check(temperature: float, chunk_size: int) -> None:
@@ -64,11 +71,17 @@ def _run_chunks(
     shared: list[Tensor | None],
     num_positions: int,
     chunk_size: int,
+    vocab_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Apply ``fn(*chunk_of_each(per_position), *shared)`` chunk by chunk and concatenate."""
+    """Apply ``fn(*chunk_of_each(per_position), *shared)`` chunk by chunk and concatenate.
+
+    With gradients, the chunks are checkpointed when ``num_positions * vocab_size`` float32
+    logits would exceed :data:`CHECKPOINT_MIN_BYTES`.
+    """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in [*per_position, *shared]
     )
+    needs_grad = needs_grad and num_positions * vocab_size * 4 > CHECKPOINT_MIN_BYTES
     if num_positions == 0:
         empty = per_position[0].new_empty(0, dtype=torch.float32)
         return empty, empty
@@ -109,7 +122,7 @@ def token_logprobs_and_entropy(
         return logprobs_entropy_of_logits(lg, tg, temperature, with_entropy)
 
     lp, ent = _run_chunks(
-        fn, [logits.reshape(n * t, v), targets.reshape(n * t)], [], n * t, chunk_size
+        fn, [logits.reshape(n * t, v), targets.reshape(n * t)], [], n * t, chunk_size, v
     )
     return lp.view(n, t), (ent.view(n, t) if with_entropy else None)
 
@@ -147,6 +160,11 @@ def logprobs_from_hidden(
         return logprobs_entropy_of_logits(F.linear(hc, w, b), tg, temperature, with_entropy)
 
     lp, ent = _run_chunks(
-        fn, [hidden.reshape(n * t, h), targets.reshape(n * t)], [weight, bias], n * t, chunk_size
+        fn,
+        [hidden.reshape(n * t, h), targets.reshape(n * t)],
+        [weight, bias],
+        n * t,
+        chunk_size,
+        int(weight.shape[0]),
     )
     return lp.view(n, t), (ent.view(n, t) if with_entropy else None)

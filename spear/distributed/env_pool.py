@@ -191,15 +191,19 @@ def _ray() -> Any:
     return ray
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to a cluster (``address``, e.g. ``"auto"``) or start a local one of ``num_cpus``."""
+def init_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to a cluster (``address``, e.g. ``"auto"``) or start a local one of ``num_cpus``.
+
+    Returns False when Ray was already initialised in this process (nothing done), else True
+    (the caller then owns the connection and shuts it down)."""
     ray = _ray()
     if ray.is_initialized():
-        return
+        return False
     if address is not None:
         ray.init(address=address, include_dashboard=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
+    return True
 
 
 @dataclass

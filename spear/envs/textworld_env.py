@@ -4,11 +4,13 @@ Episode protocol (ALFWorld-style, one user message per turn): every turn the mod
 objective, the last ``history_length`` observation/action pairs, the current observation and the
 admissible commands (:func:`build_turn_prompt`), and answers one admissible command inside
 ``<action>...</action>``, optionally after ``<think>...</think>`` (:func:`parse_action`). A reply
-without an action, or with a command that is not admissible, is *not* executed: the turn costs
-``invalid_action_penalty`` (reported in ``info["penalty"]`` with ``info["invalid_action"] =
-True``; the env's ``reward`` never includes it, the rollout subtracts it from that turn only, as
-the reference does) and the game state is unchanged. Reward is sparse: 1.0 on the winning step,
+without an action, or with a command that is not admissible, is *not* executed: the game state
+is unchanged and that turn's reward is ``-invalid_action_penalty`` (also reported in
+``info["penalty"]``, with ``info["invalid_action"] = True``), so the penalty lands on the
+offending turn only, as the reference does. Otherwise reward is sparse: 1.0 on the winning step,
 else 0.0; TextWorld's own score is kept as a metric (``info["score"]``, ``info["max_score"]``).
+(``reward.invalid_call_penalty`` would charge invalid actions a second time, per episode; leave
+it at 0 for TextWorld.)
 After ``max_steps`` actions (valid or not) an unfinished episode is truncated. ``info`` also
 carries ``"admissible_actions"``, ``"anchor"`` (the raw observation of the current game state,
 for GiGPO; invalid turns leave it unchanged because the state did not change) and
@@ -48,6 +50,7 @@ import json
 import logging
 import random
 import re
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,6 +77,10 @@ _BANNER_RE = re.compile(r"^[\s_|\\/$<>]*[_|\\/$][\s_|\\/$<>]*$")  # TextWorld's 
 _OBJECTIVE_RE = re.compile(r"Your task is to:\s*(.+)")
 _BOILERPLATE = ("Would you like to RESTART, RESTORE a saved game",)
 _HIDDEN_COMMANDS = frozenset({"help"})
+# TextWorld parses a game's logic with a shared parser that is not thread-safe: games started
+# concurrently in threads of one process (the agent loop steps envs in a thread pool) fail with
+# parse errors. Starting (and resetting) a game holds this lock; steps run concurrently.
+_START_LOCK = threading.Lock()
 
 
 class TextWorldEpisodeError(RuntimeError):
@@ -228,12 +235,12 @@ class TextWorldEnv:
             extras=["walkthrough"] if self._expert else [],
         )  # fmt: skip
         try:
-            with warnings.catch_warnings():  # jericho: "not fully supported" (TextWorld scores it)
-                warnings.filterwarnings("ignore", message=".*not fully supported.*")
+            with _START_LOCK, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not fully supported.*")  # jericho
                 self._game = textworld.start(
                     str(game_file), request_infos=infos, wrappers=self._wrappers
                 )
-            self._state = self._game.reset()
+                self._state = self._game.reset()
         except Exception as e:
             self._game = None
             raise TextWorldEpisodeError(
@@ -269,6 +276,7 @@ class TextWorldEnv:
             reward = WIN_REWARD if won else 0.0
         else:
             self._observation = invalid_action_feedback(action, self._anchor)
+            reward = -self.params.invalid_action_penalty
         self._history.append((seen, action if action is not None else "(no action)"))
         truncated = not terminated and self._steps >= self.params.max_steps
         self._done = terminated or truncated

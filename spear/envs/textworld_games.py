@@ -44,8 +44,12 @@ HELD_OUT_SEED_START = 1_000_000  # first held-out seed; training seeds are all b
 HELD_OUT_SIZE = 1_000  # held-out seeds: HELD_OUT_SEED_START .. HELD_OUT_SEED_START + 999
 
 
-class TextWorldMissingError(ImportError):
-    """The optional ``textworld`` dependency is not installed."""
+class TextWorldMissingError(ImportError, RuntimeError):
+    """The optional ``textworld`` dependency is not installed.
+
+    Also a ``RuntimeError``: the command line reports runtime errors as one ``error:`` line
+    (without a traceback), which is all a user needs here.
+    """
 
 
 def require_textworld() -> ModuleType:

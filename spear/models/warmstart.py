@@ -1,6 +1,10 @@
 """Supervised warm start of the built-in tiny model on deliberately imperfect demonstrations.
 
-Demonstrations are scripted episodes of the built-in arithmetic task, played in the task's real
+Where demonstrations come from depends on the task (``task.name``): :data:`DEMO_SOURCES` maps a
+task name to its :class:`DemoSource` (the ``textworld`` one, TextWorld's walkthroughs of training
+games mixed with random admissible actions, lives in :mod:`spear.models.textworld_demos`).
+
+Arithmetic demonstrations are scripted episodes of the built-in arithmetic task, played in the task's real
 env (so tool responses and errors look exactly as during RL). Each demo is one of three kinds,
 in exact proportions given by the parameters:
 
@@ -37,10 +41,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
-from spear.envs.arithmetic import ArithmeticParams, ArithmeticTasks
+from spear.envs.arithmetic import ArithmeticTasks
 from spear.envs.base import Env, Task, tool_schema
 from spear.models.tiny import TinyModelParams, build_tiny_model
 from spear.models.tokenizer import Conversation, TokenizerParams, chat_ids, train_tokenizer
+from spear.registry import Registry
 from spear.types import Message
 
 if TYPE_CHECKING:
@@ -55,15 +60,19 @@ REPORT_FILE = "warmstart.json"
 
 @dataclass(frozen=True, slots=True)
 class WarmStartParams:
-    """Everything that determines the warm model (the cache key hashes all of it).
+    """Everything that determines the warm model (the cache key hashes it, see :func:`key_fields`).
 
-    ``num_demos`` training tasks become demonstrations; ``steps`` AdamW steps of ``batch_size``
-    demos at peak learning rate ``lr``; ``frac_tool + frac_guess + frac_bad_call`` must be 1.
+    ``source`` names the :data:`DEMO_SOURCES` entry and ``task`` holds that source's parameters
+    (``ArithmeticParams`` or ``TextWorldDemoParams``). ``num_demos`` training tasks (arithmetic
+    problems, TextWorld games) become demonstrations; ``steps`` AdamW steps of ``batch_size``
+    conversations at peak learning rate ``lr``; ``frac_tool + frac_guess + frac_bad_call`` must
+    be 1 (they shape arithmetic demos only).
     """
 
+    source: str
     tokenizer: TokenizerParams
     model: TinyModelParams
-    task: ArithmeticParams
+    task: Any  # the source's parameter record (a frozen dataclass)
     num_demos: int
     steps: int
     batch_size: int
@@ -88,9 +97,11 @@ class WarmStartParams:
 
     @classmethod
     def from_config(cls, cfg: Config) -> WarmStartParams:
-        """The warm-start parameters of a run configuration (``model.tiny``, ``model.warm_start``)."""
+        """The warm-start parameters of a run configuration (``model.tiny``, ``model.warm_start``
+        and, through the task's demonstration source, the task settings)."""
         t, w = cfg.model.tiny, cfg.model.warm_start
         return cls(
+            source=cfg.task.name,
             tokenizer=TokenizerParams(vocab_size=t.vocab_size),
             model=TinyModelParams(
                 hidden_size=t.hidden_size,
@@ -99,7 +110,7 @@ class WarmStartParams:
                 num_heads=t.num_heads,
                 max_position_embeddings=t.max_position_embeddings,
             ),
-            task=ArithmeticTasks.params_from_config(cfg),
+            task=DEMO_SOURCES.get(cfg.task.name)().params_from_config(cfg),
             num_demos=w.num_demos,
             steps=w.steps,
             batch_size=w.batch_size,
@@ -111,10 +122,73 @@ class WarmStartParams:
 
     def cache_key(self, seed: int) -> str:
         blob = json.dumps(
-            {"params": dataclasses.asdict(self), "seed": seed, "version": CACHE_VERSION},
-            sort_keys=True,
+            {"params": key_fields(self), "seed": seed, "version": CACHE_VERSION}, sort_keys=True
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def key_fields(params: WarmStartParams) -> dict[str, Any]:
+    """The fields the cache key hashes: every field, nested records included, except those
+    marked ``metadata={"cache_key": False}`` (where files live, worker counts).
+
+    ``source`` is left out for ``"arithmetic"``, the only source before the registry existed,
+    so arithmetic warm models cached by earlier versions keep their keys; the other sources'
+    parameter records have different fields, so keys of different sources never collide.
+    """
+    out = _record_key_fields(params)
+    if out["source"] == "arithmetic":
+        del out["source"]
+    return out
+
+
+def _record_key_fields(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: _record_key_fields(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.metadata.get("cache_key", True)
+        }
+    if isinstance(obj, tuple | list):
+        return [_record_key_fields(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Demonstration sources
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSource:
+    """How one task family makes warm-start demonstrations.
+
+    ``params_from_config(cfg)`` returns the source's parameter record (a frozen dataclass: it is
+    hashed into the cache key); ``make_demos(params, seed)`` returns the training conversations
+    and a few counts for the warm model's report.
+    """
+
+    params_from_config: Callable[[Config], Any]
+    make_demos: Callable[[WarmStartParams, int], tuple[list[Conversation], dict[str, float]]]
+
+
+#: task name -> a loader of its demonstration source (loaders keep optional imports lazy)
+DEMO_SOURCES: Registry[Callable[[], DemoSource]] = Registry("warm-start demonstration source")
+
+
+@DEMO_SOURCES.register("arithmetic")
+def _arithmetic_source() -> DemoSource:
+    def make(params: WarmStartParams, seed: int) -> tuple[list[Conversation], dict[str, float]]:
+        return make_demos(ArithmeticTasks(params.task), params, seed), {}
+
+    return DemoSource(params_from_config=ArithmeticTasks.params_from_config, make_demos=make)
+
+
+@DEMO_SOURCES.register("textworld")
+def _textworld_source() -> DemoSource:
+    from spear.models.textworld_demos import TextWorldDemoParams, make_textworld_demos
+
+    return DemoSource(
+        params_from_config=TextWorldDemoParams.from_config, make_demos=make_textworld_demos
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +238,9 @@ def naive_guess(expression: str) -> str:
 
 def corrupt_expression(expression: str, rng: random.Random) -> str:
     """``expression`` with one digit changed (never the leading digit of a number)."""
-    spots = [i for i, c in enumerate(expression) if c.isdigit() and i > 0 and expression[i - 1].isdigit()]
+    spots = [
+        i for i, c in enumerate(expression) if c.isdigit() and i > 0 and expression[i - 1].isdigit()
+    ]
     if not spots:
         return expression + "+1"
     i = rng.choice(spots)
@@ -251,7 +327,9 @@ def encode_with_mask(tok: PreTrainedTokenizerFast, conv: Conversation) -> tuple[
         if m.get("role") != "assistant":
             continue
         head = chat_ids(tok, Conversation(conv.messages[:k], conv.tools), generation_prompt=True)
-        turn = chat_ids(tok, Conversation(conv.messages[: k + 1], conv.tools), generation_prompt=False)
+        turn = chat_ids(
+            tok, Conversation(conv.messages[: k + 1], conv.tools), generation_prompt=False
+        )
         if turn[: len(head)] != head or full[: len(turn)] != turn:
             raise ValueError(f"chat template is not prefix-stable at message {k}")
         end = len(turn)
@@ -286,7 +364,9 @@ def lr_factor(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
-def collate(examples: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def collate(
+    examples: Sequence[tuple[Tensor, Tensor]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Right-pad ``(ids, mask)`` pairs into ``ids`` ``[N, T]``, ``attention`` and ``mask``."""
     n, t = len(examples), max(int(ids.numel()) for ids, _ in examples)
     ids = torch.full((n, t), pad_id, dtype=torch.long)
@@ -349,8 +429,7 @@ def _log_progress(total: int) -> Callable[[int, float], None]:
 def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[str, Any]:
     """Build tokenizer, model and warm start into ``out_dir``; return the report written there."""
     start = time.perf_counter()
-    source = ArithmeticTasks(params.task)
-    demos = make_demos(source, params, seed)
+    demos, demo_report = DEMO_SOURCES.get(params.source)().make_demos(params, seed)
     tok = train_tokenizer(demos, params.tokenizer)
     examples = [encode_with_mask(tok, c) for c in demos]
     longest = max(int(ids.numel()) for ids, _ in examples)
@@ -361,7 +440,9 @@ def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[
         )
     model = build_tiny_model(params.model, tok, seed)
     prep_s = time.perf_counter() - start
-    losses = train_warm_start(model, examples, params, tok.pad_token_id, seed, _log_progress(params.steps))
+    losses = train_warm_start(
+        model, examples, params, tok.pad_token_id, seed, _log_progress(params.steps)
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -373,6 +454,9 @@ def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[
         "vocab_size": len(tok),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "demo_tokens_mean": sum(int(i.numel()) for i, _ in examples) / len(examples),
+        "demo_tokens_max": longest,
+        "demo_conversations": len(examples),
+        **demo_report,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "prep_seconds": prep_s,
@@ -397,7 +481,9 @@ def ensure_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Pa
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     try:
-        log.info("building the warm model (tokenizer, tiny model, %d warm-start steps)", params.steps)
+        log.info(
+            "building the warm model (tokenizer, tiny model, %d warm-start steps)", params.steps
+        )
         build_warm_model(tmp, params, seed)
         try:
             os.replace(tmp, final)

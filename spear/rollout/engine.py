@@ -150,6 +150,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
     return ids, attn, positions
 
 
+def unique_prompts(
+    prompts: Sequence[Sequence[int]],
+) -> tuple[list[Sequence[int]], list[int] | None]:
+    """Distinct prompts (first-occurrence order) and, for each prompt, its index among them;
+    the index list is None when all prompts are distinct (nothing to share)."""
+    seen: dict[tuple[int, ...], int] = {}
+    inverse = [seen.setdefault(tuple(p), len(seen)) for p in prompts]
+    if len(seen) == len(prompts):
+        return list(prompts), None
+    first: dict[int, Sequence[int]] = {}
+    for p, u in zip(prompts, inverse):
+        first.setdefault(u, p)
+    return [first[u] for u in range(len(seen))], inverse
+
+
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int | None) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -189,6 +204,8 @@ class HFEngine:
     ``max_batch_size`` None runs all prompts of a call as one batch; otherwise prompts are sorted
     by length and run in chunks of at most that many (less padding). ``seed`` gives the engine
     its own generator for calls that pass none; without either, the global torch RNG seeds one.
+    ``share_prefill``: identical prompts in a batch (the G rollouts of a task on their first
+    turn) are prefilled once and their KV cache copied to every row; sampling is unchanged.
     """
 
     def __init__(
@@ -199,6 +216,7 @@ class HFEngine:
         device: torch.device | str | None = None,
         max_batch_size: int | None = None,
         seed: int | None = None,
+        share_prefill: bool = True,
     ) -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be None or >= 1, got {max_batch_size}")
@@ -206,6 +224,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.max_batch_size = max_batch_size
+        self.share_prefill = share_prefill
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -274,7 +293,8 @@ class HFEngine:
         params: SamplingParams,
         generator: torch.Generator,
     ) -> list[Generation]:
-        ids, attn, positions = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
+        distinct, inverse = unique_prompts(prompts) if self.share_prefill else (prompts, None)
+        ids, attn, positions = (t.to(self.device) for t in left_pad(distinct, self.pad_id))
         out = self.model(
             input_ids=ids,
             attention_mask=attn,
@@ -282,7 +302,11 @@ class HFEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache, logits = _cache_of(out), out.logits[:, -1, :].float()  # [N, V]
+        cache, logits = _cache_of(out), out.logits[:, -1, :].float()  # [U, V]
+        if inverse is not None:  # one prefill per distinct prompt, copied to its rows
+            index = torch.as_tensor(inverse, dtype=torch.long, device=self.device)
+            cache.batch_select_indices(index)
+            attn, positions, logits = attn[index], positions[index], logits[index]  # [N, ...]
         cache_arg = _cache_kwarg(self.model)
         next_pos = positions[:, -1] + 1  # [N]
         n = len(prompts)

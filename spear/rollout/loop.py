@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,18 @@ class LoopParams:
             raise ValueError(
                 f"LoopParams.env_step_timeout_s must be > 0, got {self.env_step_timeout_s}"
             )
+
+
+@dataclass(slots=True)
+class RolloutTimes:
+    """Wall seconds a rollout spent in the engine and in env calls (accumulated, host clock).
+
+    ``env_s`` covers make_env / reset / step / close; the rest of a rollout (prompt rendering,
+    observation tokens, bookkeeping) is the caller's total minus both.
+    """
+
+    generation_s: float = 0.0
+    env_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,14 +332,22 @@ def _observe(
 
 
 def _step_all(
-    batch: list[_Run], fmt: ChatFormat, params: LoopParams, pool: Executor, step: int
+    batch: list[_Run],
+    fmt: ChatFormat,
+    params: LoopParams,
+    pool: Executor,
+    step: int,
+    times: RolloutTimes,
 ) -> None:
     def call(r: _Run) -> Callable[[], StepResult]:
         env, text = r.env, r.response_text
         assert env is not None
         return lambda: env.step(text)
 
-    for r, res in zip(batch, _call_all(pool, [call(r) for r in batch], params.env_step_timeout_s)):
+    t0 = time.perf_counter()
+    outcomes = _call_all(pool, [call(r) for r in batch], params.env_step_timeout_s)
+    times.env_s += time.perf_counter() - t0
+    for r, res in zip(batch, outcomes):
         reward = 0.0
         if res.error is not None:
             r.fail("step", res.error, hung=res.hung)
@@ -404,6 +425,7 @@ def run_episodes(
     tools: Sequence[Tool] = (),
     executor: Executor | None = None,
     turn_prompt: TurnPromptFormatter | None = None,
+    times: RolloutTimes | None = None,
 ) -> list[Episode]:
     """Play ``group_size`` episodes of every task; return them task-major (group by group).
 
@@ -412,7 +434,8 @@ def run_episodes(
     template. ``executor`` runs env calls (default: a private pool with one thread per episode;
     with a smaller pool a queued call's timeout still counts from submission). ``turn_prompt``
     (turn layout) defaults to the env's ``format_turn_prompt`` if it has one, else
-    :func:`~spear.rollout.layout.history_turn_prompt`.
+    :func:`~spear.rollout.layout.history_turn_prompt`. ``times``, if given, accumulates the
+    seconds spent generating and in env calls.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -429,30 +452,38 @@ def run_episodes(
     if not runs:
         return []
     pool = executor or ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="spear-env")
+    times = times if times is not None else RolloutTimes()
+    clock = time.perf_counter
     try:
+        t0 = clock()
         _reset_all(runs, make_env, pool, params.env_step_timeout_s)
+        times.env_s += clock() - t0
         formatter = turn_prompt or _env_formatter(runs) or history_turn_prompt
         while active := [r for r in runs if r.end is None]:
             batch = _prepare(active, fmt, params, formatter)
             if not batch:
                 continue
+            t0 = clock()
             gens = engine.generate(
                 [r.prompt for r, _ in batch],
                 params.sampling,
                 generator=generator,
                 max_new_tokens=[b for _, b in batch],
             )
+            times.generation_s += clock() - t0
             if len(gens) != len(batch):
                 raise RuntimeError(
                     f"engine returned {len(gens)} generations for {len(batch)} prompts"
                 )
             for (r, _), gen in zip(batch, gens):
                 _apply_generation(r, gen, fmt, params)
-            _step_all([r for r, _ in batch], fmt, params, pool, step)
+            _step_all([r for r, _ in batch], fmt, params, pool, step, times)
     finally:
+        t0 = clock()
         _close_all(runs, pool, params.env_step_timeout_s)
         if executor is None:
             pool.shutdown(wait=False, cancel_futures=True)
+        times.env_s += clock() - t0
     return [_episode(r, params, step) for r in runs]
 
 

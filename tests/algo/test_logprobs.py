@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import spear.algo.logprobs as logprobs_mod
 from spear.algo.logprobs import logprobs_from_hidden, token_logprobs_and_entropy
 
 
@@ -143,9 +144,10 @@ def _saved_bytes_outside(inputs: list[torch.Tensor], run: object) -> int:
     return total
 
 
-def test_backward_memory_is_bounded_by_a_chunk() -> None:
+def test_backward_memory_is_bounded_by_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without per-chunk checkpointing autograd would keep every chunk's float32 logits
     # (N*T*V*4 bytes = 48 KB here); with it only O(N*T) outputs are kept.
+    monkeypatch.setattr(logprobs_mod, "CHECKPOINT_MIN_BYTES", 0)  # checkpoint even tiny calls
     n, t, v, h = 4, 30, 100, 8
     full_logits_bytes = n * t * v * 4
     hidden = torch.randn(n, t, h, requires_grad=True)
@@ -168,7 +170,8 @@ def test_backward_memory_is_bounded_by_a_chunk() -> None:
     assert _saved_bytes_outside([logits, targets], from_logits) < full_logits_bytes / 10
 
 
-def test_150k_vocab_keeps_no_full_logits() -> None:
+def test_150k_vocab_keeps_no_full_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logprobs_mod, "CHECKPOINT_MIN_BYTES", 32 * 2**20)  # below 57.6 MB
     # A Qwen-sized vocabulary: the whole batch's float32 logits would be N*T*V*4 = 57.6 MB and
     # one chunk's 16 * 150000 * 4 = 9.6 MB; autograd keeps less than one chunk (only per-chunk
     # outputs: the checkpoint recomputes each chunk's logits during backward).
@@ -233,3 +236,28 @@ def test_empty_batch() -> None:
         with_entropy=True,
     )
     assert lp.shape == (0, 3) and ent is not None and ent.shape == (0, 3)
+
+
+def test_small_calls_skip_the_checkpoint_with_identical_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Below CHECKPOINT_MIN_BYTES the chunks keep their activations (no LM-head recompute in the
+    # backward); values and gradients are bit-identical to the checkpointed path.
+    g = torch.Generator().manual_seed(3)
+    hidden0 = torch.randn(3, 20, 8, generator=g)
+    weight0 = torch.randn(50, 8, generator=g)
+    targets = torch.randint(0, 50, (3, 20), generator=g)
+
+    def grads(min_bytes: int) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(logprobs_mod, "CHECKPOINT_MIN_BYTES", min_bytes)
+        hidden, weight = hidden0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+        lp, ent = logprobs_from_hidden(
+            hidden, weight, targets, temperature=0.7, chunk_size=16, with_entropy=True
+        )
+        assert ent is not None
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        assert hidden.grad is not None and weight.grad is not None
+        return lp.detach(), ent.detach(), hidden.grad, weight.grad
+
+    for a, b in zip(grads(0), grads(2**40)):
+        assert torch.equal(a, b)

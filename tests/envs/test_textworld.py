@@ -223,7 +223,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> TextWorldTasks:
     pytest.importorskip("textworld")
     return TextWorldTasks(
         spec=game_spec("tw-coin_collector", 3),
-        cache_dir=tmp_path_factory.mktemp("tw-cache"),
+        cache_dir=tmp_path_factory.getbasetemp() / "textworld-games",  # shared by the session
         env_params=PARAMS,
         num_train_games=20,
         gen_workers=2,
@@ -234,10 +234,11 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> TextWorldTasks:
 @pytest.fixture(scope="session")
 def train_tasks(source: TextWorldTasks) -> list[Task]:
     # One parallel batch (2 worker processes) for the 3 training games and 1 held-out game the
-    # tests use; the source's ``tasks`` calls below are then cache hits.
+    # tests use (other TextWorld test modules use the same games from the same session cache);
+    # the source's ``tasks`` calls below are then cache hits.
     seeds = [*split_seeds("train", 3, 0, source.num_train_games), HELD_OUT_SEED_START]
     results = source.cache.ensure(seeds, workers=2, progress=False)
-    assert all(r.ok and not r.cached for r in results.values())
+    assert all(r.ok for r in results.values())
     return source.tasks("train", 3, seed=0)
 
 
@@ -297,7 +298,9 @@ def test_invalid_action_is_not_executed_and_costs_the_penalty(train_tasks: list[
     for text, parsed in [("<action>dance wildly</action>", "dance wildly"), ("go east", None)]:
         res = env.step(text)
         assert res.info["invalid_action"] is True and res.info["penalty"] == pytest.approx(0.1)
-        assert res.info["action"] == parsed and res.reward == 0.0 and not res.terminated
+        # The turn's reward is minus the penalty; the episode goes on.
+        assert res.info["action"] == parsed and res.reward == pytest.approx(-0.1)
+        assert not res.terminated
         # State unchanged: same anchor, same admissible commands, same score.
         assert res.info["anchor"] == info0["anchor"]
         assert res.info["admissible_actions"] == info0["admissible_actions"]
@@ -468,3 +471,23 @@ def test_pool_plays_textworld_like_the_in_process_env(train_tasks: list[Task]) -
             info = res.info
         env.close()
         assert local == transcripts[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# The packaged run config
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", [None, "grpo", "drbot", "gigpo", "spear-gigpo"])
+def test_textworld_run_config_loads_with_every_preset(preset: str | None) -> None:
+    from pathlib import Path
+
+    from spear.config import load_config
+
+    path = Path(__file__).parents[2] / "spear" / "configs" / "textworld.yaml"
+    cfg = load_config(preset=preset, file=path)
+    assert cfg.preset == (preset or "spear") and cfg.task.name == "textworld"
+    assert cfg.rollout.layout == "turn" and cfg.model.path is None
+    # A turn needs room for the longest action reply; no invalid action is charged twice.
+    assert cfg.rollout.max_response_tokens >= cfg.rollout.max_turns * cfg.rollout.max_new_tokens
+    assert cfg.reward.invalid_call_penalty == 0.0

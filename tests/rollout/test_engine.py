@@ -15,6 +15,7 @@ from spear.rollout.engine import (
     filter_logits,
     left_pad,
     sampling_logprobs,
+    unique_prompts,
 )
 from tests.rollout.conftest import sampling
 
@@ -256,3 +257,23 @@ def test_engine_on_cuda_is_seeded_and_matches_a_forward_pass(tokenizer) -> None:
             torch.arange(n - 1, n - 1 + len(g.token_ids)), g.token_ids
         ]
         assert torch.allclose(torch.tensor(g.logprobs), ref.cpu(), atol=1e-4)
+
+
+def test_unique_prompts_maps_every_row_to_its_distinct_prompt() -> None:
+    assert unique_prompts([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])
+    assert unique_prompts([[1], [2]]) == ([[1], [2]], None)
+
+
+def test_shared_prefill_samples_what_separate_prefills_sample(model, tokenizer) -> None:
+    # The G rollouts of a task start from the same prompt: one prefill, cache copied per row.
+    base = _prompts(tokenizer)
+    prompts = [p for p in base for _ in range(3)]
+    params = sampling(8, temperature=1.0)
+    out = {}
+    for share in (True, False):
+        engine = HFEngine(model, tokenizer, share_prefill=share)
+        out[share] = engine.generate(prompts, params, generator=torch.Generator().manual_seed(5))
+    assert [g.token_ids for g in out[True]] == [g.token_ids for g in out[False]]
+    for a, b in zip(out[True], out[False]):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert a.finish_reason == b.finish_reason

@@ -12,7 +12,14 @@ import torch
 from spear.envs.base import Task, tool_schema
 from spear.rollout.engine import Generation, HFEngine
 from spear.rollout.layout import ChatFormat, observation_turn_prompt
-from spear.rollout.loop import EvalSummary, LoopParams, evaluate, run_episodes, summarize
+from spear.rollout.loop import (
+    EvalSummary,
+    LoopParams,
+    RolloutTimes,
+    evaluate,
+    run_episodes,
+    summarize,
+)
 from spear.types import EndReason, Episode
 from tests.rollout.conftest import CalcTool, EnvScript, ScriptedEngine, sampling
 
@@ -450,3 +457,26 @@ def test_env_supplied_turn_prompt_and_truncation(tokenizer, env_factory) -> None
     assert first.endswith("<|im_start|>user\ncustom turn 0<|im_end|>\n<|im_start|>assistant\n")
     assert TASKS[0].prompt not in first
     assert (e.end_reason, e.num_turns, e.info["truncated"]) == (EndReason.TERMINATED, 1, True)
+
+
+def test_rollout_times_split_generation_from_env_calls(tokenizer, env_factory) -> None:
+    # A slow engine and a fast env: generation seconds dominate, env seconds are counted too.
+    fmt = ChatFormat(tokenizer, [tool_schema(t) for t in TOOLS])
+    im_end = fmt.eot_ids[0]
+    inner = ScriptedEngine(lambda c, i, p: [*fmt.encode(f"go {c}"), im_end])
+
+    class SlowEngine:
+        def generate(self, prompts, params, **kw):
+            time.sleep(0.05)
+            return inner.generate(prompts, params, **kw)
+
+        def update_weights(self, model=None) -> None:
+            pass
+
+    times = RolloutTimes()
+    t0 = time.perf_counter()
+    run(SlowEngine(), tokenizer, env_factory(EnvScript(answer_turn=2)), loop_params(), times=times)
+    total = time.perf_counter() - t0
+    assert times.generation_s >= 0.1  # two turns, 50 ms each
+    assert times.env_s > 0
+    assert times.generation_s + times.env_s <= total

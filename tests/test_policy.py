@@ -1,0 +1,52 @@
+"""Policy log-probs: micro-batching by length returns every row's values in row order."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spear.policy import Policy, length_order
+from spear.types import Sample, TokenBatch
+
+
+def _policy() -> Policy:
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg).float()
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    return Policy(
+        lm, None, torch.device("cpu"), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+
+
+def _batch(lengths: list[int]) -> TokenBatch:
+    g = torch.Generator().manual_seed(1)
+    samples = [
+        Sample(
+            input_ids=torch.randint(0, 64, (t,), generator=g),
+            loss_mask=torch.ones(t, dtype=torch.bool),
+            behavior_logprobs=torch.zeros(t),
+            group_id=0,
+            episode_id=i,
+        )
+        for i, t in enumerate(lengths)
+    ]
+    return TokenBatch.collate(samples, pad_id=0)
+
+
+def test_length_order_is_stable() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert length_order(mask).tolist() == [1, 3, 0, 2]
+
+
+def test_batch_logprobs_rows_match_one_row_at_a_time() -> None:
+    policy, batch = _policy(), _batch([9, 3, 14, 5, 11, 4, 7])
+    got = policy.batch_logprobs(batch, micro_batch_size=3, temperature=1.0)
+    assert got.shape == batch.input_ids.shape
+    for i in range(batch.num_rows):
+        one = policy.batch_logprobs(
+            batch.select(slice(i, i + 1)), micro_batch_size=1, temperature=1.0
+        )
+        n = one.shape[1]
+        torch.testing.assert_close(got[i, :n], one[0], atol=1e-5, rtol=0)
