@@ -65,15 +65,43 @@ MAIN_METHODS = ["grpo", "drbot", "spear"]
 
 # Resolved settings printed per method (budget first, then algorithm).
 KEY_SETTINGS = [
-    "preset", "task.name", "task.difficulty", "rollout.tasks_per_step", "rollout.group_size",
-    "rollout.max_turns", "rollout.max_new_tokens", "rollout.max_response_tokens",
-    "rollout.temperature", "optim.lr", "optim.ppo_epochs", "optim.mini_batch_size",
-    "optim.micro_batch_size", "eval.every", "eval.num_tasks", "eval.temperature", "trainer.steps",
-    "model.warm_start.steps", "advantage.estimator", "advantage.norm_by_std", "loss.policy_loss",
-    "loss.clip_low", "loss.clip_high", "loss.clip_c", "loss.aggregation", "loss.entropy_coef",
-    "filters.overlong", "filters.group_keep_ratio", "replay.enabled", "replay.capacity",
-    "replay.history_size", "replay.recalibration", "replay.decay_weight", "replay.policy_loss",
-    "replay.loss_coef", "reward.tool_bonus.mode", "reward.tool_bonus.horizon",
+    "preset",
+    "task.name",
+    "task.difficulty",
+    "rollout.tasks_per_step",
+    "rollout.group_size",
+    "rollout.max_turns",
+    "rollout.max_new_tokens",
+    "rollout.max_response_tokens",
+    "rollout.temperature",
+    "optim.lr",
+    "optim.ppo_epochs",
+    "optim.mini_batch_size",
+    "optim.micro_batch_size",
+    "eval.every",
+    "eval.num_tasks",
+    "eval.temperature",
+    "trainer.steps",
+    "model.warm_start.steps",
+    "advantage.estimator",
+    "advantage.norm_by_std",
+    "loss.policy_loss",
+    "loss.clip_low",
+    "loss.clip_high",
+    "loss.clip_c",
+    "loss.aggregation",
+    "loss.entropy_coef",
+    "filters.overlong",
+    "filters.group_keep_ratio",
+    "replay.enabled",
+    "replay.capacity",
+    "replay.history_size",
+    "replay.recalibration",
+    "replay.decay_weight",
+    "replay.policy_loss",
+    "replay.loss_coef",
+    "reward.tool_bonus.mode",
+    "reward.tool_bonus.horizon",
 ]
 
 
@@ -136,18 +164,26 @@ def summarise_run(rows: Sequence[dict[str, Any]], steps: int) -> dict[str, Any]:
         "final_eval_success": dict(_series(rows, "eval/success")).get(steps),
         "initial_eval_success": dict(_series(rows, "eval/success")).get(0),
         "final_eval_tool_calls": dict(_series(rows, "eval/tool_calls")).get(steps),
-        "train_tool_calls_last5": _mean([r["train/tool_calls"] for r in tail if _finite(r.get("train/tool_calls"))]),
-        "train_success_last5": _mean([r["train/success"] for r in tail if _finite(r.get("train/success"))]),
+        "train_tool_calls_last5": _mean(
+            [r["train/tool_calls"] for r in tail if _finite(r.get("train/tool_calls"))]
+        ),
+        "train_success_last5": _mean(
+            [r["train/success"] for r in tail if _finite(r.get("train/success"))]
+        ),
         "actor_entropy": dict(_series(rows, "actor/entropy")),
         "actor_clipfrac_mean": _mean([v for _, v in _series(train, "actor/clipfrac")]),
         "actor_cov_frac_mean": _mean([v for _, v in _series(train, "actor/cov_frac")]),
         "replay_consumes": len(replayed),
         "replay_first_step": min((int(r["step"]) for r in replayed), default=None),
-        "replay_optimizer_steps": sum(float(r.get("replay/optimizer_steps") or 0) for r in replayed),
+        "replay_optimizer_steps": sum(
+            float(r.get("replay/optimizer_steps") or 0) for r in replayed
+        ),
         "replay_samples": sum(float(r.get("replay/n_sampled") or 0) for r in replayed),
         "replay_clipfrac_mean": _mean([v for _, v in _series(replayed, "replay/clipfrac")]),
         "replay_cov_frac_mean": _mean([v for _, v in _series(replayed, "replay/cov_frac")]),
-        "replay_sil_weight_at_consumes": _mean([v for _, v in _series(replayed, "replay/sil_weight")]),
+        "replay_sil_weight_at_consumes": _mean(
+            [v for _, v in _series(replayed, "replay/sil_weight")]
+        ),
         "buffer_added_total": last.get("replay/total_added"),
         "zero_std_groups_mean": _mean([v for _, v in _series(train, "filter/zero_std_groups")]),
         "groups_removed_mean": _mean([v for _, v in _series(train, "filter/groups_removed")]),
@@ -168,7 +204,9 @@ def _mean_std(xs: Sequence[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
-def write_summary(out: Path, runs: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]]) -> None:
+def write_summary(
+    out: Path, runs: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]]
+) -> None:
     """summary.json (every run + per-method aggregates), summary.md (tables), the two plots."""
     methods = [m for m in METHODS if any(r["method"] == m for r in runs.values())]
     agg: dict[str, Any] = {}
@@ -183,10 +221,18 @@ def write_summary(out: Path, runs: dict[str, dict[str, Any]], settings: dict[str
             **{
                 k: _mean([r[k] for r in rs if r[k] is not None])
                 for k in (
-                    "initial_eval_success", "final_eval_tool_calls", "train_tool_calls_last5",
-                    "train_success_last5", "actor_clipfrac_mean", "actor_cov_frac_mean",
-                    "replay_consumes", "replay_optimizer_steps", "replay_samples",
-                    "replay_clipfrac_mean", "replay_cov_frac_mean", "wall_s",
+                    "initial_eval_success",
+                    "final_eval_tool_calls",
+                    "train_tool_calls_last5",
+                    "train_success_last5",
+                    "actor_clipfrac_mean",
+                    "actor_cov_frac_mean",
+                    "replay_consumes",
+                    "replay_optimizer_steps",
+                    "replay_samples",
+                    "replay_clipfrac_mean",
+                    "replay_cov_frac_mean",
+                    "wall_s",
                 )
             },
         }
@@ -240,15 +286,30 @@ def plot(out: Path, runs: dict[str, dict[str, Any]], methods: Sequence[str]) -> 
             vals = [[r[key][str(s)] for r in rs] for s in steps]
             mean = [statistics.mean(v) for v in vals]
             style = "-" if m in MAIN_METHODS else "--"
-            ax.plot(steps, mean, style, color=colors(i), marker="o" if len(steps) < 15 else None,
-                    markersize=4, label=f"{m} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+            ax.plot(
+                steps,
+                mean,
+                style,
+                color=colors(i),
+                marker="o" if len(steps) < 15 else None,
+                markersize=4,
+                label=f"{m} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
+            )
             if band and len(rs) > 1:
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals],
-                                color=colors(i), alpha=0.12)
+                ax.fill_between(
+                    steps,
+                    [min(v) for v in vals],
+                    [max(v) for v in vals],
+                    color=colors(i),
+                    alpha=0.12,
+                )
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
-        ax.set_title("held-out success: mean over seeds, band = min-max" if band
-                      else "actor/entropy: mean over seeds")
+        ax.set_title(
+            "held-out success: mean over seeds, band = min-max"
+            if band
+            else "actor/entropy: mean over seeds"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -286,9 +347,11 @@ def run_one(method: str, seed: int, cfg: Config, run_dir: Path) -> dict[str, Any
 
         def on_step(step: int, m: dict[str, float]) -> None:
             ev = f" eval {m['eval/success']:.4f}" if "eval/success" in m else ""
-            print(f"  {run_dir.name} step {step:3d} train {m.get('train/success', 0):.3f} "
-                  f"tools {m.get('train/tool_calls', 0):.2f} {m.get('time/step', 0):.1f}s{ev}",
-                  flush=True)
+            print(
+                f"  {run_dir.name} step {step:3d} train {m.get('train/success', 0):.3f} "
+                f"tools {m.get('train/tool_calls', 0):.2f} {m.get('time/step', 0):.1f}s{ev}",
+                flush=True,
+            )
 
         try:
             trainer.fit(on_step=on_step)
@@ -318,8 +381,13 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,14 +396,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="override trainer.steps (default: 30)")
     p.add_argument("--eval-tasks", type=int, default=None, help="override eval.num_tasks")
-    p.add_argument("--cache-dir", default="~/.cache/spear", help="warm-model cache (model.cache_dir)")
+    p.add_argument(
+        "--cache-dir", default="~/.cache/spear", help="warm-model cache (model.cache_dir)"
+    )
     p.add_argument("--threads", type=int, default=2, help="trainer.num_threads")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="trainer.save_every (0 = only the final checkpoint); checkpoints are "
-                   "deleted once a run is summarised, a killed run resumes from the latest")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="trainer.save_every (0 = only the final checkpoint); checkpoints are "
+        "deleted once a run is summarised, a killed run resumes from the latest",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--summary-only", action="store_true",
-                   help="only rewrite summary.json / summary.md / plots from finished runs")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="only rewrite summary.json / summary.md / plots from finished runs",
+    )
     args = p.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -363,8 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs[name] = run_one(m, seed, cfg, out / name)
             write_summary(out, runs, settings)
             r = runs[name]
-            print(f"[done] {name}: held-out {r['initial_eval_success']} -> "
-                  f"{r['final_eval_success']}, wall {r['wall_s']}", flush=True)
+            print(
+                f"[done] {name}: held-out {r['initial_eval_success']} -> "
+                f"{r['final_eval_success']}, wall {r['wall_s']}",
+                flush=True,
+            )
     print((out / "summary.md").read_text())
     return 0
 

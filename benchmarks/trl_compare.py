@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     workers: dict[str, Worker] = {}
     for mode, (extra, max_completion) in MODES.items():
         workers[f"spear-{mode}"] = Worker(
-            spear_worker_cmd("spear", [*EQUAL, *extra], args.cache_dir, args.threads)
+            spear_worker_cmd(
+                "spear", [*EQUAL, *extra, *args.spear_override], args.cache_dir, args.threads
+            )
         )
         workers[f"trl-{mode}"] = Worker(
             trl_cmd(args.trl_python, model, mode, args.steps + 1, max_completion, args.threads),
@@ -183,6 +185,10 @@ def main() -> None:
         "--steps", type=int, default=6, help="measured steps per worker (after 1 warm-up)"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--spear-override", action="append", default=[], metavar="KEY=VALUE",
+        help="extra spear config override (repeatable), e.g. rollout.recompute_old_logprobs=false",
+    )  # fmt: skip
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--trl-python", default="/work/trl-venv/bin/python")
     p.add_argument("--out", type=Path, default=RESULTS / "trl_compare.json")

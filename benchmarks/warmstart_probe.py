@@ -38,7 +38,9 @@ class Episode:
 
 
 def _prompt_ids(tok, messages: list[Message], tools) -> list[int]:
-    text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -49,10 +51,18 @@ def _generate(model, tok, prompts: list[list[int]], temperature: float, max_new:
     attn = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding for generation
         ids[i, width - len(p) :], attn[i, width - len(p) :] = torch.tensor(p), 1
-    kw = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    kw = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
     out = model.generate(
-        input_ids=ids, attention_mask=attn, max_new_tokens=max_new, top_k=None, top_p=None,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=max_new,
+        top_k=None,
+        top_p=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kw,
     )
     texts = tok.batch_decode(out[:, width:], skip_special_tokens=False)
     return [t.split(tok.eos_token)[0].replace(tok.pad_token, "") for t in texts]
@@ -71,8 +81,13 @@ def play(model, tok, source: ArithmeticTasks, tasks: list[Task], args) -> list[E
             break
         for i in range(0, len(live), args.batch):
             chunk = live[i : i + args.batch]
-            texts = _generate(model, tok, [_prompt_ids(tok, e.messages, tools) for e in chunk],
-                              args.temperature, args.max_new_tokens)
+            texts = _generate(
+                model,
+                tok,
+                [_prompt_ids(tok, e.messages, tools) for e in chunk],
+                args.temperature,
+                args.max_new_tokens,
+            )
             for e, text in zip(chunk, texts):
                 e.turns += 1
                 e.calls += "<tool_call>" in text  # markup tokens survive decoding
@@ -114,7 +129,9 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=1234)
     ap.add_argument("--show", type=int, default=0, help="print this many transcripts")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.warm_start.steps=300")
+    ap.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. model.warm_start.steps=300"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -132,12 +149,21 @@ def main() -> None:
     t1 = time.perf_counter()
     episodes = play(model, tok, source, tasks, args)
     result = summarize(episodes)
-    result.update(eval_seconds=time.perf_counter() - t1, ensure_seconds=ensure_s,
-                  build_seconds=report["build_seconds"], final_loss=report["final_loss"],
-                  num_parameters=report["num_parameters"], vocab_size=report["vocab_size"],
-                  demo_tokens_mean=report["demo_tokens_mean"])
+    result.update(
+        eval_seconds=time.perf_counter() - t1,
+        ensure_seconds=ensure_s,
+        build_seconds=report["build_seconds"],
+        final_loss=report["final_loss"],
+        num_parameters=report["num_parameters"],
+        vocab_size=report["vocab_size"],
+        demo_tokens_mean=report["demo_tokens_mean"],
+    )
     for e in episodes[: args.show]:
-        print(" | ".join(f"{m['role']}: {m.get('content', '')}" for m in e.messages[1:]), "=>", e.success)
+        print(
+            " | ".join(f"{m['role']}: {m.get('content', '')}" for m in e.messages[1:]),
+            "=>",
+            e.success,
+        )
     print(json.dumps(result, indent=1))
 
 

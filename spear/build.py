@@ -70,7 +70,9 @@ def model_dir(cfg: Config) -> str:
     from spear.models.warmstart import WarmStartParams, ensure_warm_model
 
     warm = WarmStartParams.from_config(cfg)
-    return str(ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), warm, cfg.model.warm_start.seed))
+    return str(
+        ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), warm, cfg.model.warm_start.seed)
+    )
 
 
 def build_policy(cfg: Config) -> Policy:
@@ -105,7 +107,9 @@ def update_settings(cfg: Config, *, replay: bool) -> UpdateSettings:
     n = cfg.rollout.tasks_per_step * cfg.rollout.group_size
     mini = cfg.optim.mini_batch_size or (cfg.replay_sample_size if replay else n)
     return UpdateSettings(
-        policy_loss=(cfg.replay.policy_loss or cfg.loss.policy_loss) if replay else cfg.loss.policy_loss,
+        policy_loss=(cfg.replay.policy_loss or cfg.loss.policy_loss)
+        if replay
+        else cfg.loss.policy_loss,
         loss_params=_loss_params(cfg, replay=replay),
         aggregation=cfg.loss.aggregation,
         max_response_len=cfg.dr_grpo_len,
@@ -144,10 +148,18 @@ def loop_params(cfg: Config, *, evaluation: bool) -> LoopParams:
 def replay_params(cfg: Config) -> ReplayParams:
     r = cfg.replay
     return ReplayParams(
-        capacity=r.capacity, history_size=r.history_size, tolerate_steps=r.tolerate_steps,
-        trigger_ratio=r.trigger_ratio, sample_size=cfg.replay_sample_size, sampling=r.sampling,
-        recalibration=r.recalibration, normalize_by_std=r.normalize_by_std, std_eps=r.std_eps,
-        keep=r.keep, decay_weight=r.decay_weight, consume=r.consume,
+        capacity=r.capacity,
+        history_size=r.history_size,
+        tolerate_steps=r.tolerate_steps,
+        trigger_ratio=r.trigger_ratio,
+        sample_size=cfg.replay_sample_size,
+        sampling=r.sampling,
+        recalibration=r.recalibration,
+        normalize_by_std=r.normalize_by_std,
+        std_eps=r.std_eps,
+        keep=r.keep,
+        decay_weight=r.decay_weight,
+        consume=r.consume,
     )
 
 
@@ -174,7 +186,9 @@ def build_components(cfg: Config) -> Components:
         policy=policy,
         engine=engine,
         source=TASK_SOURCES.get(cfg.task.name)(cfg),
-        buffer=ReplayBuffer(replay_params(cfg), seed=cfg.trainer.seed) if cfg.replay.enabled else None,
+        buffer=ReplayBuffer(replay_params(cfg), seed=cfg.trainer.seed)
+        if cfg.replay.enabled
+        else None,
         tool_bonus=tool_bonus(cfg),
         sil_weight=schedule_from_spec(cfg.replay.loss_coef),
         response_filters=response_filter_params(cfg),

@@ -32,7 +32,8 @@ log = logging.getLogger("spear")
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "transformers"):
@@ -62,16 +63,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _fail(f"--resume {run_dir}: no config.yaml there; is it a spear run directory?")
         cfg = load_config(file=run_dir / "config.yaml", overrides=args.overrides)
     else:
-        file = run_config_path(args.config) if args.config else (None if args.preset else DEFAULT_RUN_CONFIG)
+        file = (
+            run_config_path(args.config)
+            if args.config
+            else (None if args.preset else DEFAULT_RUN_CONFIG)
+        )
         cfg = load_config(preset=args.preset, file=file, overrides=args.overrides)
         run_dir = _run_dir(cfg.trainer.run_dir, cfg.preset)
         if run_dir.exists():
-            return _fail(f"run directory {run_dir} exists; continue it with `spear train --resume {run_dir}` or set trainer.run_dir=<new dir>")
+            return _fail(
+                f"run directory {run_dir} exists; continue it with `spear train --resume {run_dir}` or set trainer.run_dir=<new dir>"
+            )
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    console.print(f"[bold]spear[/] training [cyan]{cfg.preset or 'custom'}[/] on task [cyan]{cfg.task.name}[/] for {cfg.trainer.steps} steps -> {run_dir}")
+    console.print(
+        f"[bold]spear[/] training [cyan]{cfg.preset or 'custom'}[/] on task [cyan]{cfg.task.name}[/] for {cfg.trainer.steps} steps -> {run_dir}"
+    )
     try:
-        with console.status("building the model (first run: tokenizer, tiny model and warm start, cached)..."):
+        with console.status(
+            "building the model (first run: tokenizer, tiny model and warm start, cached)..."
+        ):
             trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     except BaseException:
         if not args.resume:  # a run that never started leaves no directory behind
@@ -79,16 +90,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     before = None
     progress = Progress(
-        TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not cfg.logging.progress,
+        TextColumn("[bold]step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not cfg.logging.progress,
     )
     with progress:
-        bar = progress.add_task("train", total=cfg.trainer.steps, completed=trainer.step, info="evaluating...")
+        bar = progress.add_task(
+            "train", total=cfg.trainer.steps, completed=trainer.step, info="evaluating..."
+        )
 
         def on_step(step: int, m: dict[str, float]) -> None:
-            info = (f"success {m.get('train/success', 0):.2f}  reward {m.get('reward/score', m.get('train/outcome_reward', 0)):.2f}  "
-                    f"entropy {m.get('actor/entropy', float('nan')):.3f}  tools {m.get('train/tool_calls', 0):.2f}  "
-                    f"replay {m.get('replay/size', 0):.0f}")
+            info = (
+                f"success {m.get('train/success', 0):.2f}  reward {m.get('reward/score', m.get('train/outcome_reward', 0)):.2f}  "
+                f"entropy {m.get('actor/entropy', float('nan')):.3f}  tools {m.get('train/tool_calls', 0):.2f}  "
+                f"replay {m.get('replay/size', 0):.0f}"
+            )
             if "eval/success" in m:
                 info += f"  held-out {m['eval/success']:.2f}"
             progress.update(bar, completed=step, info=info)
@@ -96,7 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             final = trainer.fit(on_step=on_step)
         except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted[/]: checkpoint written; continue with `spear train --resume {run_dir}`")
+            console.print(
+                f"[yellow]interrupted[/]: checkpoint written; continue with `spear train --resume {run_dir}`"
+            )
             trainer.close()
             return 130
     trainer.close()
@@ -109,7 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     plot = plot_run(run_dir)
     after = final.get("eval/success")
     if before is not None and after is not None:
-        console.print(f"held-out success: [bold]{before:.1%}[/] -> [bold green]{after:.1%}[/] ({(after - before) * 100:+.1f} points)")
+        console.print(
+            f"held-out success: [bold]{before:.1%}[/] -> [bold green]{after:.1%}[/] ({(after - before) * 100:+.1f} points)"
+        )
     console.print(f"run directory: {run_dir}\nplots: {plot}\nmetrics: {run_dir / 'metrics.jsonl'}")
     return 0
 
@@ -144,15 +168,28 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spear", description="Train tool-using multi-turn LLM agents with the SPEAR recipe.")
+    p = argparse.ArgumentParser(
+        prog="spear", description="Train tool-using multi-turn LLM agents with the SPEAR recipe."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (no arguments: SPEAR on the built-in tool task, CPU, minutes)",
-                       description="Train. Layers: defaults <- --preset <- CONFIG file <- section.key=value overrides.")
-    t.add_argument("config", nargs="?", help="YAML config file or a shipped run config name (default, textworld); default: the embedded default run")
-    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. trainer.steps=10 optim.lr=1e-5")
+    t = sub.add_parser(
+        "train",
+        help="train (no arguments: SPEAR on the built-in tool task, CPU, minutes)",
+        description="Train. Layers: defaults <- --preset <- CONFIG file <- section.key=value overrides.",
+    )
+    t.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config file or a shipped run config name (default, textworld); default: the embedded default run",
+    )
+    t.add_argument(
+        "overrides", nargs="*", help="section.key=value, e.g. trainer.steps=10 optim.lr=1e-5"
+    )
     t.add_argument("--preset", choices=preset_names(), help="algorithm preset")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    t.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="held-out evaluation of a checkpoint directory")
     e.add_argument("checkpoint", help="a checkpoints/step_XXXXXX directory of a run")
@@ -161,9 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write PNG curves of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
-    c = sub.add_parser("config", help="show a resolved config: `spear config show PRESET|default`, `spear config show list`")
+    c = sub.add_parser(
+        "config",
+        help="show a resolved config: `spear config show PRESET|default`, `spear config show list`",
+    )
     c.add_argument("action", choices=["show"])
-    c.add_argument("name", help="a preset name, a shipped run config (default, textworld) or 'list'")
+    c.add_argument(
+        "name", help="a preset name, a shipped run config (default, textworld) or 'list'"
+    )
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
     return p

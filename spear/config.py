@@ -102,7 +102,9 @@ class TaskConfig(_Section):
     challenge: str = "tw-coin_collector"  # textworld
     textworld_level: int = Field(1, ge=1)
     game_cache_dir: str = "~/.cache/spear/textworld"
-    textworld_train_games: int = Field(2000, ge=1)  # training games generated (and cached) on demand
+    textworld_train_games: int = Field(
+        2000, ge=1
+    )  # training games generated (and cached) on demand
     textworld_gen_workers: int = Field(2, ge=1)  # processes generating games
     invalid_action_penalty: float = Field(0.1, ge=0)  # textworld: inadmissible action
 
@@ -181,7 +183,9 @@ class LossConfig(_Section):
     clip_high: float = Field(0.2, gt=0)
     clip_c: float = Field(3.0, gt=1)  # dual clip
     aggregation: str = "token-mean"
-    max_response_len: int | None = None  # Dr.GRPO constant; None = a sample's budget: rollout.max_response_tokens (episode layout) or max_new_tokens (turn)
+    max_response_len: int | None = (
+        None  # Dr.GRPO constant; None = a sample's budget: rollout.max_response_tokens (episode layout) or max_new_tokens (turn)
+    )
     entropy_coef: float = 0.0
     kl_coef: float = Field(0.0, ge=0)
     kl_type: str = "k3"
@@ -279,9 +283,13 @@ class DistributedConfig(_Section):
                 "rollout_engine=vllm needs GPUs: set distributed.gpus_per_rollout_worker (e.g. 1)"
             )
         if self.rollout_engine == "vllm" and self.rollout_workers == 0:
-            raise ValueError("rollout_engine=vllm runs in rollout workers: set rollout_workers >= 1")
+            raise ValueError(
+                "rollout_engine=vllm runs in rollout workers: set rollout_workers >= 1"
+            )
         if self.driver_generates and self.rollout_engine != "hf":
-            raise ValueError("driver_generates shares the work with HF replicas only (rollout_engine=hf)")
+            raise ValueError(
+                "driver_generates shares the work with HF replicas only (rollout_engine=hf)"
+            )
         if self.num_cpus is None or self.address is not None:
             return self  # a cluster joined at run time is checked at run time
         parts = (
@@ -347,8 +355,13 @@ class Config(_Section):
                 f"{ro.max_response_tokens}; lower the first or raise the second"
             )
         if ro.max_new_tokens >= ro.max_context_tokens:
-            raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_context_tokens")
-        if self.model.path is None and ro.max_context_tokens > self.model.tiny.max_position_embeddings:
+            raise ValueError(
+                "rollout.max_new_tokens must be smaller than rollout.max_context_tokens"
+            )
+        if (
+            self.model.path is None
+            and ro.max_context_tokens > self.model.tiny.max_position_embeddings
+        ):
             raise ValueError(
                 f"rollout.max_context_tokens={ro.max_context_tokens} exceeds the built-in model's "
                 f"model.tiny.max_position_embeddings={self.model.tiny.max_position_embeddings}"
@@ -356,8 +369,14 @@ class Config(_Section):
         if self.task.name == "math" and not self.task.train_files:
             raise ValueError("task.name=math needs task.train_files (JSONL or Parquet paths)")
         if self.task.sandbox == "fusion" and not self.task.sandbox_url:
-            raise ValueError("task.sandbox=fusion needs task.sandbox_url (the SandboxFusion server)")
-        if self.replay.enabled and self.replay.recalibration == "decay" and self.advantage.estimator == "gigpo":
+            raise ValueError(
+                "task.sandbox=fusion needs task.sandbox_url (the SandboxFusion server)"
+            )
+        if (
+            self.replay.enabled
+            and self.replay.recalibration == "decay"
+            and self.advantage.estimator == "gigpo"
+        ):
             raise ValueError(
                 "replay.recalibration=decay would replay GiGPO's step-level advantage term; with "
                 "advantage.estimator=gigpo use replay.recalibration=median (episode-level only)"
@@ -372,7 +391,11 @@ class Config(_Section):
     def dr_grpo_len(self) -> int:
         """The Dr.GRPO constant: a sample's response budget. In the turn layout a sample is one
         turn (at most ``max_new_tokens``), as the reference's per-turn ``max_response_length``."""
-        per_sample = self.rollout.max_new_tokens if self.rollout.layout == "turn" else self.rollout.max_response_tokens
+        per_sample = (
+            self.rollout.max_new_tokens
+            if self.rollout.layout == "turn"
+            else self.rollout.max_response_tokens
+        )
         return self.loss.max_response_len or per_sample
 
 
@@ -391,7 +414,9 @@ def _check_keys(data: Mapping[str, Any], model: type[BaseModel], where: str) -> 
         fields = model.model_fields
         if key not in fields:
             known = sorted(fields)
-            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(key, known)}; known here: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown config key '{where}{key}'{_suggest(key, known)}; known here: {', '.join(known)}"
+            )
         ann = fields[key].annotation
         if isinstance(value, Mapping) and isinstance(ann, type) and issubclass(ann, BaseModel):
             _check_keys(value, ann, f"{where}{key}.")
@@ -470,10 +495,14 @@ def load_config(
         layers.append((f"config file {file}", _read_yaml(Path(file), "config file")))
     for o in overrides:
         layers.append((f"override {o!r}", parse_override(o)))
-    preset = preset or next((d["preset"] for _, d in layers if isinstance(d.get("preset"), str)), None)
+    preset = preset or next(
+        (d["preset"] for _, d in layers if isinstance(d.get("preset"), str)), None
+    )
     if preset is not None:
         if preset not in preset_names():
-            raise ConfigError(f"unknown preset {preset!r}{_suggest(preset, preset_names())}; known: {', '.join(preset_names())}")
+            raise ConfigError(
+                f"unknown preset {preset!r}{_suggest(preset, preset_names())}; known: {', '.join(preset_names())}"
+            )
         layers.insert(0, (f"preset {preset}", _read_yaml(PRESET_DIR / f"{preset}.yaml", "preset")))
     for where, layer in layers:
         try:

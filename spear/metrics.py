@@ -43,7 +43,11 @@ class JsonlSink:
         self.path = path
         if truncate_after_step is not None and path.exists():
             # On resume, drop rows written after the checkpoint so the file equals an uninterrupted run.
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= truncate_after_step]
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= truncate_after_step
+            ]
             path.write_text("".join(ln + "\n" for ln in keep))
         self._fh = path.open("a")
 
@@ -77,7 +81,9 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError("logging.wandb=true needs wandb: pip install 'spear[wandb]'") from None
+            raise RuntimeError(
+                "logging.wandb=true needs wandb: pip install 'spear[wandb]'"
+            ) from None
         self._run = wandb.init(project=project, dir=str(run_dir), config=dict(config))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -94,9 +100,19 @@ class MetricLogger:
         self.sinks = sinks
 
     @classmethod
-    def create(cls, run_dir: Path, *, tensorboard: bool, wandb: bool, wandb_project: str,
-               config: Mapping[str, Any], resume_step: int | None) -> MetricLogger:
-        sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl", truncate_after_step=resume_step)]
+    def create(
+        cls,
+        run_dir: Path,
+        *,
+        tensorboard: bool,
+        wandb: bool,
+        wandb_project: str,
+        config: Mapping[str, Any],
+        resume_step: int | None,
+    ) -> MetricLogger:
+        sinks: list[MetricSink] = [
+            JsonlSink(run_dir / "metrics.jsonl", truncate_after_step=resume_step)
+        ]
         if tensorboard:
             try:
                 sinks.append(TensorBoardSink(run_dir / "tensorboard"))

@@ -12,11 +12,30 @@ from spear.metrics import read_metrics
 # (title, [(metric, label)], y-label) per panel
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("Success", [("train/success", "train"), ("eval/success", "held-out")], "success rate"),
-    ("Policy entropy", [("actor/entropy", "on-policy"), ("replay/entropy", "replay")], "nats / token"),
-    ("Tool calls per episode", [("train/tool_calls", "valid"), ("train/invalid_tool_calls", "invalid")], "calls"),
-    ("Curriculum", [("replay/sil_weight", "SIL weight λ(t)"), ("reward/tool_factor", "tool-reward factor φ(t)")], "weight"),
+    (
+        "Policy entropy",
+        [("actor/entropy", "on-policy"), ("replay/entropy", "replay")],
+        "nats / token",
+    ),
+    (
+        "Tool calls per episode",
+        [("train/tool_calls", "valid"), ("train/invalid_tool_calls", "invalid")],
+        "calls",
+    ),
+    (
+        "Curriculum",
+        [
+            ("replay/sil_weight", "SIL weight λ(t)"),
+            ("reward/tool_factor", "tool-reward factor φ(t)"),
+        ],
+        "weight",
+    ),
     ("Replay buffer", [("replay/size", "stored"), ("replay/n_sampled", "replayed")], "samples"),
-    ("Reward", [("reward/outcome", "outcome"), ("reward/tool_bonus", "tool bonus")], "mean per sample"),
+    (
+        "Reward",
+        [("reward/outcome", "outcome"), ("reward/tool_bonus", "tool bonus")],
+        "mean per sample",
+    ),
 ]
 
 
@@ -56,7 +75,15 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         if drawn:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "not recorded in this run",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
     fig.suptitle(f"spear run: {run_dir.name}")
     fig.tight_layout()
     out = out or run_dir / "plots" / "curves.png"

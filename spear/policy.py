@@ -35,7 +35,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
+        raise ModelLoadError(
+            "trainer.device=cuda but no CUDA device is available; use trainer.device=cpu"
+        )
     return torch.device(name)
 
 
@@ -62,13 +64,19 @@ def apply_lora(model: nn.Module, cfg: Config) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ModelLoadError("model.lora.enabled=true needs peft: pip install 'spear[lora]'") from None
+        raise ModelLoadError(
+            "model.lora.enabled=true needs peft: pip install 'spear[lora]'"
+        ) from None
     lc = cfg.model.lora
-    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
+    peft_cfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
+    )
     return get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    params: list[nn.Parameter], cfg: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW plus a per-training-step LR schedule (warm-up, then constant / cosine / linear)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
@@ -119,7 +127,9 @@ class Policy:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return base.get_decoder(), base.get_output_embeddings()
 
-    def forward_logprobs(self, batch: TokenBatch, *, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    def forward_logprobs(
+        self, batch: TokenBatch, *, temperature: float, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """Log-probs ``[N, T]`` (and entropy ``[N, T]``) of ``batch.input_ids`` at the positions
         where ``batch.loss_mask > 0``; every other entry (prompt, observation and padding
         tokens, column 0) is 0.
@@ -129,20 +139,34 @@ class Policy:
         ``[*, V]`` projection.
         """
         decoder, head = self._decoder_and_head()
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        rows, cols = loss_positions(batch.loss_mask)  # token (rows, cols) is scored from hidden (rows, cols - 1)
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        rows, cols = loss_positions(
+            batch.loss_mask
+        )  # token (rows, cols) is scored from hidden (rows, cols - 1)
         lp, ent = logprobs_from_hidden(
-            hidden[rows, cols - 1][None], head.weight, batch.input_ids[rows, cols][None],
-            temperature=temperature, chunk_size=LOGPROB_CHUNK, with_entropy=with_entropy,
+            hidden[rows, cols - 1][None],
+            head.weight,
+            batch.input_ids[rows, cols][None],
+            temperature=temperature,
+            chunk_size=LOGPROB_CHUNK,
+            with_entropy=with_entropy,
         )
         shape = batch.input_ids.shape
-        if rows.numel() == 0:  # nothing to score: zeros that still depend on the model (backward works)
+        if (
+            rows.numel() == 0
+        ):  # nothing to score: zeros that still depend on the model (backward works)
             zero = hidden[..., 0] * 0.0
             return zero.float(), (zero.float() if with_entropy else None)
-        return scatter_tokens(lp, rows, cols, shape), (scatter_tokens(ent, rows, cols, shape) if ent is not None else None)
+        return scatter_tokens(lp, rows, cols, shape), (
+            scatter_tokens(ent, rows, cols, shape) if ent is not None else None
+        )
 
     @torch.no_grad()
-    def batch_logprobs(self, batch: TokenBatch, *, micro_batch_size: int, temperature: float) -> Tensor:
+    def batch_logprobs(
+        self, batch: TokenBatch, *, micro_batch_size: int, temperature: float
+    ) -> Tensor:
         """Log-probs of a whole batch without gradients, micro-batch by micro-batch. ``[N, T]``.
 
         Rows are grouped into micro-batches in order of length (:func:`length_order`), so each

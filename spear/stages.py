@@ -65,7 +65,11 @@ def compute_advantages(samples: Sequence[Sample], cfg: Config) -> dict[str, Tens
     adv = ADVANTAGES.get(cfg.advantage.estimator)(inp, advantage_params(cfg))
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
-    return {"adv/mean": adv.mean(), "adv/abs_mean": adv.abs().mean(), "adv/positive_frac": (adv > 0).double().mean()}
+    return {
+        "adv/mean": adv.mean(),
+        "adv/abs_mean": adv.abs().mean(),
+        "adv/positive_frac": (adv > 0).double().mean(),
+    }
 
 
 def response_masks(samples: Sequence[Sample], shape: torch.Size) -> Tensor:
@@ -88,7 +92,9 @@ def fill_old_logprobs(policy: Policy, samples: Sequence[Sample], cfg: Config) ->
     # Log-probs are computed where the loss mask is set; give filtered samples (all-zero mask in
     # a collated batch) their own response mask so they get behaviour log-probs too.
     batch = replace(batch, loss_mask=response_masks(samples, batch.loss_mask.shape))
-    lp = policy.batch_logprobs(batch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature)
+    lp = policy.batch_logprobs(
+        batch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature
+    )
     for i, s in enumerate(samples):
         s.behavior_logprobs = lp[i, : s.num_tokens] * s.loss_mask.float()
 
@@ -106,7 +112,10 @@ def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float
         f"{prefix}/invalid_tool_calls": sum(e.num_invalid_tool_calls for e in episodes) / n,
         f"{prefix}/tool_errors": sum(e.num_tool_errors for e in episodes) / n,
         f"{prefix}/turns": sum(e.num_turns for e in episodes) / n,
-        f"{prefix}/response_tokens": sum(sum(s.num_response_tokens for s in e.samples) for e in episodes) / n,
+        f"{prefix}/response_tokens": sum(
+            sum(s.num_response_tokens for s in e.samples) for e in episodes
+        )
+        / n,
         f"{prefix}/episodes": float(len(episodes)),
     }
     out.update({f"{prefix}/end_{k}": v / n for k, v in sorted(ends.items())})

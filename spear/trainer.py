@@ -63,7 +63,9 @@ class StageTimer:
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        self.seconds[f"time/{name}"] = self.seconds.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+        self.seconds[f"time/{name}"] = (
+            self.seconds.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+        )
 
 
 class Trainer:
@@ -81,10 +83,15 @@ class Trainer:
         ckpt = latest_checkpoint(run_dir) if resume else None
         if ckpt is not None:
             self._restore(ckpt)
-        self.backend: Backend = build_backend(cfg, self.c)  # after a restore: workers get its weights
+        self.backend: Backend = build_backend(
+            cfg, self.c
+        )  # after a restore: workers get its weights
         self.logger = MetricLogger.create(
-            run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project, config=cfg.model_dump(mode="json"),
+            run_dir,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            config=cfg.model_dump(mode="json"),
             resume_step=self.step if resume else None,
         )
 
@@ -96,9 +103,15 @@ class Trainer:
         m: dict[str, Tensor | float] = {}
         with timer("rollout"):
             episodes = self._rollout(step)
-        m.update(assign_rewards(episodes, step, c.tool_bonus, invalid_penalty=cfg.reward.invalid_call_penalty))
+        m.update(
+            assign_rewards(
+                episodes, step, c.tool_bonus, invalid_penalty=cfg.reward.invalid_call_penalty
+            )
+        )
         m.update(apply_response_filters(episodes, c.response_filters, c.policy.tokenizer))
-        episodes, group_m = apply_group_filter(episodes, keep_ratio=cfg.filters.group_keep_ratio, kind=cfg.filters.group_filter_type)
+        episodes, group_m = apply_group_filter(
+            episodes, keep_ratio=cfg.filters.group_keep_ratio, kind=cfg.filters.group_filter_type
+        )
         m.update(group_m)
         samples = [s for e in episodes for s in e.samples]
         if cfg.rollout.recompute_old_logprobs:  # else the sampler's log-probs are kept
@@ -110,7 +123,9 @@ class Trainer:
         with timer("sil_update"):
             m.update(self._self_imitation(step))
         if c.buffer is not None:
-            m.update({f"replay/{k}": v for k, v in c.buffer.add(samples, step).as_metrics().items()})
+            m.update(
+                {f"replay/{k}": v for k, v in c.buffer.add(samples, step).as_metrics().items()}
+            )
             m.update({f"replay/{k}": v for k, v in c.buffer.metrics(step).items()})
         with warnings.catch_warnings():  # the LR schedule is per training step, even one whose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -126,22 +141,50 @@ class Trainer:
         n = cfg.rollout.tasks_per_step * cfg.rollout.group_size
         self._rollout_times = RolloutTimes()  # read by _finish_metrics (time/generation, time/env)
         request = RolloutRequest(
-            tasks, group_size=cfg.rollout.group_size, params=self.c.loop_params, step=step,
-            first_group_id=step * cfg.rollout.tasks_per_step, first_episode_id=step * n,
+            tasks,
+            group_size=cfg.rollout.group_size,
+            params=self.c.loop_params,
+            step=step,
+            first_group_id=step * cfg.rollout.tasks_per_step,
+            first_episode_id=step * n,
         )
-        return self.backend.rollout(request, stage_generator(cfg.trainer.seed, step, _SAMPLING), self._rollout_times)
+        return self.backend.rollout(
+            request, stage_generator(cfg.trainer.seed, step, _SAMPLING), self._rollout_times
+        )
 
-    def _update(self, samples: Sequence[Sample], settings, stage: int, step: int, *, scale: float, prefix: str) -> dict[str, Tensor | float]:
+    def _update(
+        self,
+        samples: Sequence[Sample],
+        settings,
+        stage: int,
+        step: int,
+        *,
+        scale: float,
+        prefix: str,
+    ) -> dict[str, Tensor | float]:
         trainable = [s for s in samples if not s.is_filtered and s.num_response_tokens > 0]
         if not trainable:
             return {f"{prefix}/optimizer_steps": 0.0}
         batch = TokenBatch.collate(trainable, pad_id=self.c.policy.tokenizer.pad_token_id)
-        res = self.backend.update(self.c.policy, batch, settings, stage_generator(self.cfg.trainer.seed, step, stage), loss_scale=scale)
+        res = self.backend.update(
+            self.c.policy,
+            batch,
+            settings,
+            stage_generator(self.cfg.trainer.seed, step, stage),
+            loss_scale=scale,
+        )
         self.nonfinite_streak = self.nonfinite_streak + 1 if res.skipped_steps else 0
         if res.skipped_steps:
-            log.warning("step %d: skipped %d %s update(s) with a non-finite loss or gradient", step, res.skipped_steps, prefix)
+            log.warning(
+                "step %d: skipped %d %s update(s) with a non-finite loss or gradient",
+                step,
+                res.skipped_steps,
+                prefix,
+            )
         if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_skips:
-            raise FloatingPointError(f"{self.nonfinite_streak} consecutive updates had non-finite losses; lower optim.lr")
+            raise FloatingPointError(
+                f"{self.nonfinite_streak} consecutive updates had non-finite losses; lower optim.lr"
+            )
         out: dict[str, Tensor | float] = {f"{prefix}/{k}": v for k, v in res.metrics.items()}
         out[f"{prefix}/optimizer_steps"] = float(res.optimizer_steps)
         out[f"{prefix}/skipped_nonfinite"] = float(res.skipped_steps)
@@ -160,10 +203,21 @@ class Trainer:
         if self.cfg.replay.recompute_old_logprobs:
             fill_old_logprobs(c.policy, replay.samples, self.cfg)
         if replay.samples and weight > 0:
-            out.update(self._update(replay.samples, c.replay_update, _REPLAY_UPDATE, step, scale=weight, prefix="replay"))
+            out.update(
+                self._update(
+                    replay.samples,
+                    c.replay_update,
+                    _REPLAY_UPDATE,
+                    step,
+                    scale=weight,
+                    prefix="replay",
+                )
+            )
         return out
 
-    def _finish_metrics(self, m: dict, episodes: Sequence[Episode], timer: StageTimer) -> dict[str, float]:
+    def _finish_metrics(
+        self, m: dict, episodes: Sequence[Episode], timer: StageTimer
+    ) -> dict[str, float]:
         out = sync_metrics(m)
         out.update(episode_metrics(episodes, "train"))
         out.update(timer.seconds)
@@ -186,13 +240,20 @@ class Trainer:
         c, cfg = self.c, self.cfg
         tasks = c.source.tasks("test", cfg.eval.num_tasks, seed=cfg.trainer.seed)
         request = RolloutRequest(
-            tasks, group_size=1, params=c.eval_loop_params, step=self.step, first_group_id=0, first_episode_id=0
+            tasks,
+            group_size=1,
+            params=c.eval_loop_params,
+            step=self.step,
+            first_group_id=0,
+            first_episode_id=0,
         )
         episodes = self.backend.rollout(request, stage_generator(cfg.trainer.seed, 0, _EVAL))
         return episode_metrics(episodes, "eval")
 
     # ------------------------------------------------------------------------------ fit
-    def fit(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    def fit(
+        self, on_step: Callable[[int, dict[str, float]], None] | None = None
+    ) -> dict[str, float]:
         """Train ``trainer.steps`` steps with periodic evaluation and checkpoints."""
         cfg = self.cfg
         last: dict[str, float] = {}
@@ -202,7 +263,11 @@ class Trainer:
         try:
             while self.step < cfg.trainer.steps:
                 metrics = self.train_step()
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.trainer.steps:
+                if (
+                    cfg.eval.every
+                    and self.step % cfg.eval.every == 0
+                    and self.step < cfg.trainer.steps
+                ):
                     metrics.update(self.evaluate())
                 if self.step == cfg.trainer.steps:
                     metrics.update(self.evaluate())

@@ -153,7 +153,11 @@ class TokenBatch:
     def select(self, rows: Tensor | slice) -> TokenBatch:
         """Rows ``rows`` of every tensor, trimmed to the longest remaining sequence."""
         picked = {f.name: getattr(self, f.name)[rows] for f in fields(self)}
-        width = int(picked["attention_mask"].sum(dim=1).max().item()) if picked["attention_mask"].numel() else 0
+        width = (
+            int(picked["attention_mask"].sum(dim=1).max().item())
+            if picked["attention_mask"].numel()
+            else 0
+        )
         for name in ("input_ids", "attention_mask", "loss_mask", "old_logprobs", "advantages"):
             picked[name] = picked[name][:, : max(width, 1)]
         return TokenBatch(**picked)

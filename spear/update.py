@@ -20,7 +20,9 @@ from spear.algo.losses import POLICY_LOSSES, PolicyLossInput, PolicyLossParams
 from spear.policy import Policy
 from spear.types import TokenBatch
 
-COUNT_METRICS = frozenset({"cov_selected"})  # loss metrics that are counts, summed over micro-batches
+COUNT_METRICS = frozenset(
+    {"cov_selected"}
+)  # loss metrics that are counts, summed over micro-batches
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,16 @@ def _micro_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, already scaled so that micro-batch losses sum to the mini-batch loss."""
     want_entropy = True  # entropy is always logged; it enters the loss only if entropy_coef != 0
-    lp, ent = policy.forward_logprobs(micro, temperature=settings.temperature, with_entropy=want_entropy)
+    lp, ent = policy.forward_logprobs(
+        micro, temperature=settings.temperature, with_entropy=want_entropy
+    )
     out = POLICY_LOSSES.get(settings.policy_loss)(
-        PolicyLossInput(log_probs=lp, old_log_probs=micro.old_logprobs, advantages=micro.advantages, mask=micro.loss_mask),
+        PolicyLossInput(
+            log_probs=lp,
+            old_log_probs=micro.old_logprobs,
+            advantages=micro.advantages,
+            mask=micro.loss_mask,
+        ),
         settings.loss_params,
         generator,
     )
@@ -113,23 +122,37 @@ def policy_update(
             for start in range(0, mini.num_rows, settings.micro_batch_size):
                 micro_rows = slice(start, start + settings.micro_batch_size)
                 micro = mini.select(micro_rows).to(policy.device)
-                ref = ref_logprobs[rows][micro_rows, : micro.input_ids.shape[1]] if ref_logprobs is not None else None
+                ref = (
+                    ref_logprobs[rows][micro_rows, : micro.input_ids.shape[1]]
+                    if ref_logprobs is not None
+                    else None
+                )
                 loss, m = _micro_loss(policy, micro, settings, norm, generator, ref)
                 (loss * loss_scale).backward()
                 total = total + loss.detach()
                 w = micro.loss_mask.sum().cpu()
                 for k, v in m.items():  # counts add up; means are token-weighted
-                    sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * (1 if k in COUNT_METRICS else w)
+                    sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * (
+                        1 if k in COUNT_METRICS else w
+                    )
                 weight_total = weight_total + w
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters, settings.grad_clip)
-            if bool(torch.isfinite(grad_norm) & torch.isfinite(total)):  # one sync per optimizer step
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                policy.trainable_parameters, settings.grad_clip
+            )
+            if bool(
+                torch.isfinite(grad_norm) & torch.isfinite(total)
+            ):  # one sync per optimizer step
                 policy.optimizer.step()
                 steps += 1
             else:
                 policy.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-            sums["grad_norm"] = sums.get("grad_norm", torch.zeros(())) + grad_norm.detach().float().cpu()
+            sums["grad_norm"] = (
+                sums.get("grad_norm", torch.zeros(())) + grad_norm.detach().float().cpu()
+            )
     denom = weight_total.clamp(min=1)
-    metrics = {k: v if k in COUNT_METRICS else v / denom for k, v in sums.items() if k != "grad_norm"}
+    metrics = {
+        k: v if k in COUNT_METRICS else v / denom for k, v in sums.items() if k != "grad_norm"
+    }
     metrics["grad_norm"] = sums.get("grad_norm", torch.zeros(())) / max(1, steps + skipped)
     return UpdateResult(metrics=metrics, optimizer_steps=steps, skipped_steps=skipped)

@@ -16,8 +16,17 @@ from spear import checkpoint as ck
 @pytest.fixture()
 def model_and_tok():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     raw = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>")
@@ -25,7 +34,9 @@ def model_and_tok():
 
 
 def _state(step):
-    return ck.TrainerState(step=step, optimizer={}, scheduler={}, replay=None, rng=ck.capture_rng(), extra={"k": step})
+    return ck.TrainerState(
+        step=step, optimizer={}, scheduler={}, replay=None, rng=ck.capture_rng(), extra={"k": step}
+    )
 
 
 def test_save_load_round_trip(tmp_path, model_and_tok):

@@ -83,7 +83,9 @@ def test_top_level_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]
         ("config", ["show", "name", "list", "overrides"]),
     ],
 )
-def test_subcommand_help(capsys: pytest.CaptureFixture[str], command: str, words: list[str]) -> None:
+def test_subcommand_help(
+    capsys: pytest.CaptureFixture[str], command: str, words: list[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0
@@ -182,14 +184,18 @@ def test_a_shipped_run_config_is_found_by_name(capsys: pytest.CaptureFixture[str
     assert run_config_path("no/such.yaml") == Path("no/such.yaml")
 
 
-def test_train_accepts_a_shipped_run_config_name(capsys: pytest.CaptureFixture[str], no_training: None) -> None:
+def test_train_accepts_a_shipped_run_config_name(
+    capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
     # textworld's settings are loaded (and validated) before anything is built; a bad override
     # then fails naming the field, which shows the name resolved to the shipped file
     rc, out = run(capsys, "train", "textworld", "rollout.layout=nosuch")
     assert rc == 2 and "rollout.layout" in out and "does not exist" not in out
 
 
-def test_errors_go_to_stderr_not_stdout(capsys: pytest.CaptureFixture[str], no_training: None) -> None:
+def test_errors_go_to_stderr_not_stdout(
+    capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
     rc = cli.main(["train", "optim.lrr=1"])
     out, err = capsys.readouterr()
     assert rc == 2

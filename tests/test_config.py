@@ -29,9 +29,21 @@ def test_spear_preset_matches_reference_agent_scripts():
     cfg = load_config(preset="spear")
     assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.clip_c) == (0.2, 0.28, 10.0)
     assert cfg.loss.aggregation == "seq-mean-token-sum-norm" and cfg.loss.policy_loss == "clip_cov"
-    assert (cfg.loss.clip_cov_ratio, cfg.loss.clip_cov_lb, cfg.loss.clip_cov_ub) == (0.0002, 1.0, 5.0)
-    assert (cfg.replay.clip_cov_ratio, cfg.replay.clip_cov_lb, cfg.replay.clip_cov_ub) == (0.02, 2.0, 60.0)
-    assert (cfg.replay.capacity, cfg.replay.history_size, cfg.replay.tolerate_steps) == (2048, 10240, 5)
+    assert (cfg.loss.clip_cov_ratio, cfg.loss.clip_cov_lb, cfg.loss.clip_cov_ub) == (
+        0.0002,
+        1.0,
+        5.0,
+    )
+    assert (cfg.replay.clip_cov_ratio, cfg.replay.clip_cov_lb, cfg.replay.clip_cov_ub) == (
+        0.02,
+        2.0,
+        60.0,
+    )
+    assert (cfg.replay.capacity, cfg.replay.history_size, cfg.replay.tolerate_steps) == (
+        2048,
+        10240,
+        5,
+    )
     assert cfg.replay.enabled and not cfg.advantage.norm_by_std
     assert cfg.filters.group_keep_ratio == 0.75 and cfg.reward.tool_bonus.mode == "cosine"
 
@@ -40,7 +52,12 @@ def test_layers_apply_in_order(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("preset: grpo\noptim: {lr: 0.5}\ntrainer: {steps: 3}\n")
     cfg = load_config(file=f, overrides=["trainer.steps=7", "loss.clip_high=0.3"])
-    assert cfg.preset == "grpo" and cfg.optim.lr == 0.5 and cfg.trainer.steps == 7 and cfg.loss.clip_high == 0.3
+    assert (
+        cfg.preset == "grpo"
+        and cfg.optim.lr == 0.5
+        and cfg.trainer.steps == 7
+        and cfg.loss.clip_high == 0.3
+    )
 
 
 def test_unknown_key_gets_a_suggestion():
@@ -62,7 +79,13 @@ def test_wrong_type_names_the_field():
 
 def test_mini_batch_must_divide_batch():
     with pytest.raises(ConfigError, match=r"optim.mini_batch_size=7 must divide"):
-        load_config(overrides=["rollout.tasks_per_step=4", "rollout.group_size=4", "optim.mini_batch_size=7"])
+        load_config(
+            overrides=[
+                "rollout.tasks_per_step=4",
+                "rollout.group_size=4",
+                "optim.mini_batch_size=7",
+            ]
+        )
 
 
 def test_bad_schedule_names_the_field():
@@ -102,4 +125,9 @@ def test_dr_grpo_constant_is_a_samples_response_budget() -> None:
     base = ["rollout.max_new_tokens=20", "rollout.max_response_tokens=160"]
     assert load_config(overrides=[*base, "rollout.layout=episode"]).dr_grpo_len == 160
     assert load_config(overrides=[*base, "rollout.layout=turn"]).dr_grpo_len == 20
-    assert load_config(overrides=[*base, "rollout.layout=turn", "loss.max_response_len=64"]).dr_grpo_len == 64
+    assert (
+        load_config(
+            overrides=[*base, "rollout.layout=turn", "loss.max_response_len=64"]
+        ).dr_grpo_len
+        == 64
+    )

@@ -13,14 +13,31 @@ from spear.metrics import read_metrics
 from spear.trainer import Trainer
 
 TINY = [
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
-    "model.warm_start.num_demos=64", "model.warm_start.steps=5", "model.warm_start.batch_size=16",
-    "rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.max_turns=2", "rollout.max_new_tokens=16",
-    "rollout.max_response_tokens=32", "optim.micro_batch_size=4", "eval.num_tasks=4", "eval.every=2",
-    "replay.capacity=2", "replay.trigger_ratio=0.5", "trainer.save_every=2", "logging.tensorboard=false",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.warm_start.num_demos=64",
+    "model.warm_start.steps=5",
+    "model.warm_start.batch_size=16",
+    "rollout.tasks_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_turns=2",
+    "rollout.max_new_tokens=16",
+    "rollout.max_response_tokens=32",
+    "optim.micro_batch_size=4",
+    "eval.num_tasks=4",
+    "eval.every=2",
+    "replay.capacity=2",
+    "replay.trigger_ratio=0.5",
+    "trainer.save_every=2",
+    "logging.tensorboard=false",
     "logging.progress=false",
     # a 5-step warm start writes byte salad that the response filters would remove entirely
-    "filters.unreadable=false", "filters.repetitive=false", "filters.incomplete=false", "filters.overlong=false",
+    "filters.unreadable=false",
+    "filters.repetitive=false",
+    "filters.incomplete=false",
+    "filters.overlong=false",
 ]
 
 
@@ -30,7 +47,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _cfg(cache_dir: Path, run_dir: Path, *extra: str):
-    return load_config(file=DEFAULT_RUN_CONFIG, overrides=[*TINY, f"model.cache_dir={cache_dir}", f"trainer.run_dir={run_dir}", *extra])
+    return load_config(
+        file=DEFAULT_RUN_CONFIG,
+        overrides=[*TINY, f"model.cache_dir={cache_dir}", f"trainer.run_dir={run_dir}", *extra],
+    )
 
 
 def _run(cfg, run_dir: Path, *, resume: bool = False) -> tuple[Trainer, dict[str, float]]:
@@ -42,7 +62,9 @@ def _run(cfg, run_dir: Path, *, resume: bool = False) -> tuple[Trainer, dict[str
 
 
 def _comparable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows
+    ]
 
 
 def test_training_changes_parameters_and_logs(cache_dir, tmp_path):
@@ -54,7 +76,13 @@ def test_training_changes_parameters_and_logs(cache_dir, tmp_path):
     m = t.train_step()
     after = list(t.c.policy.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    for key in ("train/success", "actor/entropy", "replay/sil_weight", "reward/tool_factor", "time/rollout"):
+    for key in (
+        "train/success",
+        "actor/entropy",
+        "replay/sil_weight",
+        "reward/tool_factor",
+        "time/rollout",
+    ):
         assert key in m and math.isfinite(m[key]), key
     t.close()
 
@@ -64,7 +92,9 @@ def test_seeded_runs_are_identical(cache_dir, tmp_path):
     b = _cfg(cache_dir, tmp_path / "b", "trainer.steps=3")
     ta, _ = _run(a, tmp_path / "a")
     tb, _ = _run(b, tmp_path / "b")
-    assert _comparable(read_metrics(tmp_path / "a" / "metrics.jsonl")) == _comparable(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert _comparable(read_metrics(tmp_path / "a" / "metrics.jsonl")) == _comparable(
+        read_metrics(tmp_path / "b" / "metrics.jsonl")
+    )
     for p, q in zip(ta.c.policy.model.parameters(), tb.c.policy.model.parameters()):
         assert torch.equal(p, q)
 
@@ -72,7 +102,9 @@ def test_seeded_runs_are_identical(cache_dir, tmp_path):
 def test_resume_equals_uninterrupted(cache_dir, tmp_path):
     full, _ = _run(_cfg(cache_dir, tmp_path / "full", "trainer.steps=4"), tmp_path / "full")
     _run(_cfg(cache_dir, tmp_path / "part", "trainer.steps=2"), tmp_path / "part")
-    resumed, _ = _run(_cfg(cache_dir, tmp_path / "part", "trainer.steps=4"), tmp_path / "part", resume=True)
+    resumed, _ = _run(
+        _cfg(cache_dir, tmp_path / "part", "trainer.steps=4"), tmp_path / "part", resume=True
+    )
     assert resumed.step == 4
     rows_full = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     rows_part = _comparable(read_metrics(tmp_path / "part" / "metrics.jsonl"))
@@ -142,7 +174,9 @@ def test_no_recompute_skips_the_old_logprob_pass(cache_dir, tmp_path, monkeypatc
         raise AssertionError("old log-probs were recomputed")
 
     monkeypatch.setattr(trainer_module, "fill_old_logprobs", refuse)
-    cfg = _cfg(cache_dir, tmp_path / "run", "rollout.recompute_old_logprobs=false", "replay.enabled=false")
+    cfg = _cfg(
+        cache_dir, tmp_path / "run", "rollout.recompute_old_logprobs=false", "replay.enabled=false"
+    )
     (tmp_path / "run").mkdir()
     t = Trainer(cfg, tmp_path / "run")
     m = t.train_step()

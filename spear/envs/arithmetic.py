@@ -301,7 +301,9 @@ class ArithmeticParams:
         if self.max_calls_per_turn < 1:
             raise ValueError(f"max_calls_per_turn must be >= 1, got {self.max_calls_per_turn}")
         if self.max_observation_chars < 1:
-            raise ValueError(f"max_observation_chars must be >= 1, got {self.max_observation_chars}")
+            raise ValueError(
+                f"max_observation_chars must be >= 1, got {self.max_observation_chars}"
+            )
 
 
 class ArithmeticTasks:

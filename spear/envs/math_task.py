@@ -214,7 +214,9 @@ class MathTasks:
             tasks: dict[str, Task] = {}
             for path in files:
                 for text, answer in load_problems(path):
-                    if not own_test and held_out(text, self.params.held_out_buckets) != (split == "test"):
+                    if not own_test and held_out(text, self.params.held_out_buckets) != (
+                        split == "test"
+                    ):
                         continue
                     task = _to_task(text, answer, split, path)
                     tasks.setdefault(task.task_id, task)
@@ -242,8 +244,11 @@ class MathTasks:
             p = self.params
             wall = max(0.5, p.tool_timeout_s - SANDBOX_MARGIN_S)
             limits = dataclasses.replace(
-                DEFAULT_LIMITS, wall_time_s=wall, cpu_time_s=wall,
-                memory_mb=p.sandbox_memory_mb, max_processes=p.sandbox_max_processes,
+                DEFAULT_LIMITS,
+                wall_time_s=wall,
+                cpu_time_s=wall,
+                memory_mb=p.sandbox_memory_mb,
+                max_processes=p.sandbox_max_processes,
             )
             backend: Backend = (
                 SandboxFusionClient(p.sandbox_url, limits)

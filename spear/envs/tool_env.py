@@ -144,7 +144,13 @@ class ToolEnv:
             else:
                 text = self._run(call, counts)
             name = call.name if isinstance(call, ToolCall) else "invalid"
-            messages.append({"role": "tool", "name": name, "content": truncate(text, self.max_observation_chars)})
+            messages.append(
+                {
+                    "role": "tool",
+                    "name": name,
+                    "content": truncate(text, self.max_observation_chars),
+                }
+            )
         return StepResult(messages, 0.0, terminated=False, info=counts)
 
     def _run(self, call: ToolCall | InvalidCall, counts: dict[str, int]) -> str:

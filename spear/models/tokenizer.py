@@ -58,7 +58,7 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' -}}"
     "{%- if m.content is string -%}{{- m.content -}}{%- endif -%}"
     "{%- for c in (m.tool_calls or []) -%}{%- set f = c.function if c.function is defined else c -%}"
-    "{{- '<tool_call>{\"name\": \"' ~ f.name ~ '\", \"arguments\": ' -}}"
+    '{{- \'<tool_call>{"name": "\' ~ f.name ~ \'", "arguments": \' -}}'
     "{%- if f.arguments is string -%}{{- f.arguments -}}{%- else -%}{{- f.arguments | tojson -}}{%- endif -%}"
     "{{- '}</tool_call>' -}}"
     "{%- endfor -%}"
@@ -121,7 +121,9 @@ def _backend(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_special_tokens(control)
     tok.add_tokens(markup)
-    tok.add_tokens([AddedToken(str(i), special=False, normalized=False) for i in range(NUMBER_TOKENS)])
+    tok.add_tokens(
+        [AddedToken(str(i), special=False, normalized=False) for i in range(NUMBER_TOKENS)]
+    )
     return tok
 
 

@@ -76,10 +76,14 @@ def read_call_json(body: str) -> ToolCall | InvalidCall:
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError) as e:  # ValueError: also over-long integer literals
-        msg = getattr(e, "msg", None) or ("too deeply nested" if isinstance(e, RecursionError) else str(e))
+        msg = getattr(e, "msg", None) or (
+            "too deeply nested" if isinstance(e, RecursionError) else str(e)
+        )
         return InvalidCall(body, f"invalid JSON in <tool_call>: {msg} in {_snippet(body)!r}")
     if not isinstance(obj, dict):
-        return InvalidCall(body, "a <tool_call> must hold a JSON object with 'name' and 'arguments'")
+        return InvalidCall(
+            body, "a <tool_call> must hold a JSON object with 'name' and 'arguments'"
+        )
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return InvalidCall(body, "a <tool_call> needs a string 'name'")
@@ -95,8 +99,9 @@ def read_call_json(body: str) -> ToolCall | InvalidCall:
     return ToolCall(name, args)
 
 
-def _split(text: str, pattern: re.Pattern[str], read: Callable[[str], ToolCall | InvalidCall],
-           closer: str) -> ParsedTurn:
+def _split(
+    text: str, pattern: re.Pattern[str], read: Callable[[str], ToolCall | InvalidCall], closer: str
+) -> ParsedTurn:
     calls: list[ToolCall] = []
     invalid: list[InvalidCall] = []
     for m in pattern.finditer(text):

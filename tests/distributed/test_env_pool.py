@@ -51,7 +51,9 @@ class ScriptedEnv:
             return StepResult([{"role": "user", "content": "slept"}], 0.0, False, info=info)
         if verb == "end":
             return StepResult([], 1.0, True, info=info)
-        return StepResult([{"role": "user", "content": f"echo {arg}"}], float(len(arg)), False, info=info)
+        return StepResult(
+            [{"role": "user", "content": f"echo {arg}"}], float(len(arg)), False, info=info
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -71,7 +73,9 @@ def test_env_host_runs_envs_and_isolates_failures() -> None:
     out = host.step_batch([(0, "say abc"), (1, "raise"), (0, "end")])
     assert out[0].reward == 3.0 and not out[0].terminated
     assert out[1].terminated and out[1].reward == 0.0
-    assert out[1].info["env_error"].startswith(ENV_RAISED) and "ValueError" in out[1].info["env_error"]
+    assert (
+        out[1].info["env_error"].startswith(ENV_RAISED) and "ValueError" in out[1].info["env_error"]
+    )
     assert out[2].terminated and out[2].reward == 1.0 and out[2].info["turns"] == 2
     host.close(0)
     assert host.num_envs() == 1
@@ -127,7 +131,11 @@ def test_check_cpu_request() -> None:
 )
 def test_params_reject_bad_values(field: str, value: float, msg: str) -> None:
     good: dict[str, Any] = dict(
-        num_workers=2, cpus_per_worker=0.5, call_timeout_s=1.0, start_timeout_s=30.0, max_concurrency=1
+        num_workers=2,
+        cpus_per_worker=0.5,
+        call_timeout_s=1.0,
+        start_timeout_s=30.0,
+        max_concurrency=1,
     )
     EnvPoolParams(**good)
     with pytest.raises(ValueError, match=msg):

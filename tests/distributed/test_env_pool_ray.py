@@ -78,7 +78,11 @@ def test_timed_out_worker_is_treated_as_crashed(cluster: None) -> None:
         with pytest.raises(EnvWorkerError, match="timed out after 1s"):
             env.step("sleep 30")
         assert time.monotonic() - t0 < 15  # the deadline, not the 30 s sleep
-        assert pool.stats.timeouts == 1 and pool.stats.restarts == 1 and pool.stats.failed_episodes == 1
+        assert (
+            pool.stats.timeouts == 1
+            and pool.stats.restarts == 1
+            and pool.stats.failed_episodes == 1
+        )
         assert pool.worker_pids()[0] != pid
         with pytest.raises(EnvWorkerError, match="episode lost"):
             env.step("say a")
@@ -106,13 +110,19 @@ def test_env_error_fails_one_episode_without_restart(cluster: None) -> None:
 
 def test_oversized_cpu_request_fails_fast(cluster: None) -> None:
     params = EnvPoolParams(
-        num_workers=1, cpus_per_worker=4.0, call_timeout_s=1.0, start_timeout_s=5.0, max_concurrency=1
+        num_workers=1,
+        cpus_per_worker=4.0,
+        call_timeout_s=1.0,
+        start_timeout_s=5.0,
+        max_concurrency=1,
     )
     with pytest.raises(EnvPoolError, match="would wait forever"):
         RayEnvPool(ScriptedEnv, params)
 
 
-def _train_iteration(pool: RayEnvPool, model: torch.nn.Linear, opt: torch.optim.Optimizer, it: int, kill: bool) -> int:
+def _train_iteration(
+    pool: RayEnvPool, model: torch.nn.Linear, opt: torch.optim.Optimizer, it: int, kill: bool
+) -> int:
     """Play 4 two-turn episodes through the proxy (steps in threads, like the agent loop), then one
     optimizer step on the rewards; optionally kill worker 0 while its steps are in flight.
     Returns the number of failed episodes."""
@@ -132,7 +142,7 @@ def _train_iteration(pool: RayEnvPool, model: torch.nn.Linear, opt: torch.optim.
             time.sleep(0.5)
             ray.kill(pool.actor(0))  # the process dies mid-step
         rewards = torch.tensor([f.result() for f in futures])
-    loss = ((model(torch.ones(1, 1)).squeeze() - rewards.clamp(min=0).mean()) ** 2)
+    loss = (model(torch.ones(1, 1)).squeeze() - rewards.clamp(min=0).mean()) ** 2
     opt.zero_grad()
     loss.backward()
     opt.step()

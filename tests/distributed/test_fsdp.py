@@ -135,12 +135,16 @@ def _tiny_lm(seed: int, tied: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).float()
 
 
-def _sgd(params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _sgd(
+    params: list[torch.nn.Parameter],
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     opt = torch.optim.SGD(params, lr=1.0)  # lr 1: the parameter change is the clipped gradient
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _adamw(params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _adamw(
+    params: list[torch.nn.Parameter],
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)  # Adam ~ lr * sign(g) per step
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
@@ -168,7 +172,9 @@ def _policy(lm: torch.nn.Module, optimizer: str) -> Policy:
 def _problem(seed: int) -> TokenBatch:
     """6 rows of mixed lengths; old log-probs = current ones + noise so some ratios clip."""
     batch = _batch([5, 9, 7, 12, 6, 10], seed=seed)
-    lp = _policy(_tiny_lm(0, tied=True), "sgd").batch_logprobs(batch, micro_batch_size=8, temperature=1.0)
+    lp = _policy(_tiny_lm(0, tied=True), "sgd").batch_logprobs(
+        batch, micro_batch_size=8, temperature=1.0
+    )
     noise = 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(seed + 1))
     return dataclasses.replace(batch, old_logprobs=(lp + noise) * batch.attention_mask)
 
@@ -184,17 +190,23 @@ CASES = [
 def _reference(case: tuple, batch: TokenBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     agg, mini, micro, epochs, optimizer, tied = case
     policy = _policy(_tiny_lm(0, tied), optimizer)
-    res = policy_update(policy, batch, _settings(agg, mini, micro, epochs), torch.Generator().manual_seed(5))
+    res = policy_update(
+        policy, batch, _settings(agg, mini, micro, epochs), torch.Generator().manual_seed(5)
+    )
     assert res.optimizer_steps == epochs * -(-6 // mini)
     return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, {
         k: float(v) for k, v in res.metrics.items()
     }
 
 
-def _distributed(case: tuple, batch: TokenBatch, mesh: object) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _distributed(
+    case: tuple, batch: TokenBatch, mesh: object
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     agg, mini, micro, epochs, optimizer, tied = case
     sharded = shard_policy(_policy(_tiny_lm(0, tied), optimizer), mesh, OPTIMIZERS[optimizer])  # type: ignore[arg-type]
-    res = data_parallel_update(sharded, batch, _settings(agg, mini, micro, epochs), torch.Generator().manual_seed(5))
+    res = data_parallel_update(
+        sharded, batch, _settings(agg, mini, micro, epochs), torch.Generator().manual_seed(5)
+    )
     return gather_full_state_dict(sharded), {k: float(v) for k, v in res.metrics.items()}
 
 
@@ -205,7 +217,11 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], at
     for k, w in want.items():
         if k in got:
             torch.testing.assert_close(got[k], w, atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-            moved += int(not torch.equal(w, initial[k])) if k in initial and initial[k].shape == w.shape else 0
+            moved += (
+                int(not torch.equal(w, initial[k]))
+                if k in initial and initial[k].shape == w.shape
+                else 0
+            )
     assert moved > 0  # the update really changed parameters
 
 
@@ -296,6 +312,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
         # entropy do under policy_update's current metric rule (reported to the lead), so only
         # the split-independent metrics are compared across different micro-batch splits
         for k in ("clipfrac", "approx_kl"):
-            assert got["metrics"][k] == pytest.approx(want_metrics[k], rel=1e-3, abs=1e-6), (case, k)
+            assert got["metrics"][k] == pytest.approx(want_metrics[k], rel=1e-3, abs=1e-6), (
+                case,
+                k,
+            )
     for rank in (0, 1):
         assert "same whole batch" in (tmp_path / f"refused{rank}.txt").read_text()

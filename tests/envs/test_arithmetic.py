@@ -109,8 +109,14 @@ def test_problem_expression_solves_problem(difficulty: int) -> None:
         p = generate_problem(rng, difficulty)
         assert evaluate_expression(p.expression, CALCULATOR_LIMITS) == p.answer
         assert p.answer > 0
-        assert p.expression.count("+") + p.expression.count("-") + p.expression.count("*") == difficulty
-        numbers = [int(x) for x in p.expression.replace("*", " ").replace("+", " ").replace("-", " ").split()]
+        assert (
+            p.expression.count("+") + p.expression.count("-") + p.expression.count("*")
+            == difficulty
+        )
+        numbers = [
+            int(x)
+            for x in p.expression.replace("*", " ").replace("+", " ").replace("-", " ").split()
+        ]
         text_numbers = [int(w.strip(".")) for w in p.text.split() if w.strip(".").isdigit()]
         assert numbers == text_numbers  # operands appear in the text in expression order
 
@@ -141,7 +147,9 @@ def test_split_and_difficulty_validation() -> None:
     with pytest.raises(ValueError, match="difficulty"):
         params(difficulty=0)
     with pytest.raises(ValueError, match="max_calls_per_turn"):
-        ArithmeticParams(difficulty=1, tool_timeout_s=1.0, max_calls_per_turn=0, max_observation_chars=5)
+        ArithmeticParams(
+            difficulty=1, tool_timeout_s=1.0, max_calls_per_turn=0, max_observation_chars=5
+        )
 
 
 def test_difficulty_grows_answer_size() -> None:

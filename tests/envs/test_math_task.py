@@ -21,7 +21,18 @@ BUCKETS = 20
 
 
 def _params(train: list[Path], test: list[Path] | None = None) -> MathParams:
-    return MathParams(tuple(map(str, train)), tuple(map(str, test or [])), 5.0, 1, 512, BUCKETS, "local", None, 1024, 64)
+    return MathParams(
+        tuple(map(str, train)),
+        tuple(map(str, test or [])),
+        5.0,
+        1,
+        512,
+        BUCKETS,
+        "local",
+        None,
+        1024,
+        64,
+    )
 
 
 def _verl_rows(n: int, start: int = 0) -> list[dict[str, object]]:

@@ -15,7 +15,10 @@ PARAMS = TinyModelParams(
 
 @pytest.fixture(scope="module")
 def tok():
-    convs = [Conversation([{"role": "user", "content": t.prompt}], None) for t in generate_tasks("train", 30, 0, 1)]
+    convs = [
+        Conversation([{"role": "user", "content": t.prompt}], None)
+        for t in generate_tasks("train", 30, 0, 1)
+    ]
     return train_tokenizer(convs, TokenizerParams(vocab_size=320))
 
 

@@ -61,8 +61,17 @@ def test_numbers_are_three_digit_chunks(tok) -> None:
     # are cut left to right into chunks of three: 1234567 -> 123 456 7, 4007 -> 400 7
     for n in (0, 7, 42, 999, 555, 318):
         assert len(tok(str(n), add_special_tokens=False)["input_ids"]) == 1, n
-    pieces = tok.convert_ids_to_tokens(tok("1234567 x4007, 12", add_special_tokens=False)["input_ids"])
-    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["123", "456", "7", "400", "7", "12"]
+    pieces = tok.convert_ids_to_tokens(
+        tok("1234567 x4007, 12", add_special_tokens=False)["input_ids"]
+    )
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == [
+        "123",
+        "456",
+        "7",
+        "400",
+        "7",
+        "12",
+    ]
     assert tok.decode(tok("a 4007-12*3", add_special_tokens=False)["input_ids"]) == "a 4007-12*3"
 
 
@@ -81,16 +90,27 @@ def test_template_layout(tok, convs: list[Conversation]) -> None:
 def test_template_renders_structured_tool_calls(tok) -> None:
     msgs = [
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "1+2"}}}
-        ]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": "1+2"}},
+                }
+            ],
+        },
     ]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert '<tool_call>{"name": "calculator", "arguments": {"expression": "1+2"}}</tool_call>' in text
+    assert (
+        '<tool_call>{"name": "calculator", "arguments": {"expression": "1+2"}}</tool_call>' in text
+    )
 
 
 def test_template_without_tools_or_system(tok) -> None:
-    text = render(tok, Conversation([{"role": "user", "content": "hi"}], None), generation_prompt=True)
+    text = render(
+        tok, Conversation([{"role": "user", "content": "hi"}], None), generation_prompt=True
+    )
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -99,8 +119,12 @@ def test_prefix_stability(tok, convs: list[Conversation]) -> None:
         for k, m in enumerate(conv.messages):
             if m["role"] != "assistant":
                 continue
-            head = chat_ids(tok, Conversation(conv.messages[:k], conv.tools), generation_prompt=True)
-            full = chat_ids(tok, Conversation(conv.messages[: k + 1], conv.tools), generation_prompt=False)
+            head = chat_ids(
+                tok, Conversation(conv.messages[:k], conv.tools), generation_prompt=True
+            )
+            full = chat_ids(
+                tok, Conversation(conv.messages[: k + 1], conv.tools), generation_prompt=False
+            )
             assert full[: len(head)] == head
             # the appended assistant turn encodes exactly as its own text + end-of-turn
             own = tok(m["content"] + IM_END, add_special_tokens=False)["input_ids"]
@@ -132,7 +156,10 @@ def test_save_and_load(tok, convs: list[Conversation], tmp_path) -> None:
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     text = render(tok, convs[1], generation_prompt=False)
-    assert loaded(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert (
+        loaded(text, add_special_tokens=False)["input_ids"]
+        == tok(text, add_special_tokens=False)["input_ids"]
+    )
     again = loaded.apply_chat_template(convs[1].messages, tools=TOOLS, tokenize=False)
     assert again == text
     assert loaded.eos_token == IM_END and loaded.pad_token == PAD

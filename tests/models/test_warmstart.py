@@ -504,7 +504,9 @@ def test_params_validation(params: WarmStartParams, change: dict[str, Any], matc
 def test_params_accepts_zero_steps_and_float_noise(params: WarmStartParams) -> None:
     assert dataclasses.replace(params, steps=0).steps == 0
     p = dataclasses.replace(params, frac_tool=0.6, frac_guess=0.3, frac_bad_call=0.1)
-    assert p.frac_tool + p.frac_guess + p.frac_bad_call != 1.0  # 0.6 + 0.3 + 0.1 = 0.9999999999999999
+    assert (
+        p.frac_tool + p.frac_guess + p.frac_bad_call != 1.0
+    )  # 0.6 + 0.3 + 0.1 = 0.9999999999999999
     assert abs(p.frac_tool + p.frac_guess + p.frac_bad_call - 1.0) < 1e-6
 
 
@@ -522,7 +524,9 @@ def test_cache_key_stable_and_sensitive_to_every_param(params: WarmStartParams) 
     assert key == WarmStartParams.from_config(load_config(overrides=SMALL)).cache_key(0)
     variants = [
         params.cache_key(1),
-        dataclasses.replace(params, tokenizer=dataclasses.replace(params.tokenizer, vocab_size=999)),
+        dataclasses.replace(
+            params, tokenizer=dataclasses.replace(params.tokenizer, vocab_size=999)
+        ),
         dataclasses.replace(params, model=dataclasses.replace(params.model, hidden_size=48)),
         dataclasses.replace(params, model=dataclasses.replace(params.model, num_layers=2)),
         dataclasses.replace(params, model=dataclasses.replace(params.model, num_heads=4)),
