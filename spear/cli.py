@@ -88,7 +88,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.resume:  # a run that never started leaves no directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    before = None
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"),
         BarColumn(),
@@ -122,6 +121,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             trainer.close()
             return 130
     trainer.close()
+    _print_result(run_dir, final)
+    return 0
+
+
+def _print_result(run_dir: Path, final: dict[str, float]) -> None:
+    """Held-out success before -> after, and where the run's files are."""
     from spear.metrics import read_metrics
     from spear.plot import plot_run
 
@@ -135,7 +140,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"held-out success: [bold]{before:.1%}[/] -> [bold green]{after:.1%}[/] ({(after - before) * 100:+.1f} points)"
         )
     console.print(f"run directory: {run_dir}\nplots: {plot}\nmetrics: {run_dir / 'metrics.jsonl'}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
