@@ -99,6 +99,13 @@ class WarmStartParams:
     def from_config(cls, cfg: Config) -> WarmStartParams:
         """The warm-start parameters of a run configuration (``model.tiny``, ``model.warm_start``
         and, through the task's demonstration source, the task settings)."""
+        from spear.config import ConfigError
+
+        if cfg.task.name not in DEMO_SOURCES:
+            raise ConfigError(
+                f"task.name={cfg.task.name} has no warm start for the built-in tiny model (it has "
+                f"one for: {', '.join(DEMO_SOURCES.names())}); set model.path to a pretrained model"
+            )
         t, w = cfg.model.tiny, cfg.model.warm_start
         return cls(
             source=cfg.task.name,

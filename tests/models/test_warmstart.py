@@ -663,3 +663,12 @@ def test_ensure_concurrent_builder_keeps_the_first_finished(
     assert ensure_warm_model(tmp_path, params, seed=0) == final
     assert (final / REPORT_FILE).read_text() == '"first"'
     assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_a_task_without_a_demo_source_names_model_path() -> None:
+    from spear.config import ConfigError, load_config
+    from spear.models.warmstart import WarmStartParams
+
+    cfg = load_config(overrides=["task.name=math", "task.train_files=[x.jsonl]"])
+    with pytest.raises(ConfigError, match=r"task.name=math .*model.path"):
+        WarmStartParams.from_config(cfg)
