@@ -25,7 +25,8 @@ from spear.config import (
     run_config_path,
 )
 
-console = Console(stderr=False)
+# piped output (a log file, CI) gets a wide line instead of rich's 80 columns, so the progress line is whole
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)  # errors go to stderr, so piped results stay clean
 log = logging.getLogger("spear")
 
