@@ -102,9 +102,8 @@ class TaskConfig(_Section):
     challenge: str = "tw-coin_collector"  # textworld
     textworld_level: int = Field(1, ge=1)
     game_cache_dir: str = "~/.cache/spear/textworld"
-    textworld_train_games: int = Field(
-        2000, ge=1
-    )  # training games generated (and cached) on demand
+    # training games generated (and cached) on demand
+    textworld_train_games: int = Field(2000, ge=1)
     textworld_gen_workers: int = Field(2, ge=1)  # processes generating games
     invalid_action_penalty: float = Field(0.1, ge=0)  # textworld: inadmissible action
 

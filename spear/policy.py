@@ -142,9 +142,8 @@ class Policy:
         hidden = decoder(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        rows, cols = loss_positions(
-            batch.loss_mask
-        )  # token (rows, cols) is scored from hidden (rows, cols - 1)
+        # token (rows, cols) is scored from hidden (rows, cols - 1)
+        rows, cols = loss_positions(batch.loss_mask)
         lp, ent = logprobs_from_hidden(
             hidden[rows, cols - 1][None],
             head.weight,
@@ -154,9 +153,7 @@ class Policy:
             with_entropy=with_entropy,
         )
         shape = batch.input_ids.shape
-        if (
-            rows.numel() == 0
-        ):  # nothing to score: zeros that still depend on the model (backward works)
+        if rows.numel() == 0:  # nothing to score: zeros that still depend on the model
             zero = hidden[..., 0] * 0.0
             return zero.float(), (zero.float() if with_entropy else None)
         return scatter_tokens(lp, rows, cols, shape), (

@@ -83,9 +83,8 @@ class Trainer:
         ckpt = latest_checkpoint(run_dir) if resume else None
         if ckpt is not None:
             self._restore(ckpt)
-        self.backend: Backend = build_backend(
-            cfg, self.c
-        )  # after a restore: workers get its weights
+        # built after a restore, so the workers start from the restored weights
+        self.backend: Backend = build_backend(cfg, self.c)
         self.logger = MetricLogger.create(
             run_dir,
             tensorboard=cfg.logging.tensorboard,

@@ -20,9 +20,8 @@ from spear.algo.losses import POLICY_LOSSES, PolicyLossInput, PolicyLossParams
 from spear.policy import Policy
 from spear.types import TokenBatch
 
-COUNT_METRICS = frozenset(
-    {"cov_selected"}
-)  # loss metrics that are counts, summed over micro-batches
+# loss metrics that are counts, summed over micro-batches
+COUNT_METRICS = frozenset({"cov_selected"})
 
 
 @dataclass(frozen=True)
