@@ -181,6 +181,7 @@ def test_killing_an_env_actor_mid_step_does_not_stop_training(
     t = _trainer(
         cache_dir, tmp_path / "run", "trainer.backend=ray", "distributed.env_workers=2",
         "distributed.rollout_workers=0", "rollout.group_size=4",
+        "filters.group_keep_ratio=1.0",  # keep every episode, so all failed ones are counted
     )  # fmt: skip
     try:
         assert t.backend.env_pool is not None
@@ -193,6 +194,7 @@ def test_killing_an_env_actor_mid_step_does_not_stop_training(
         assert killed.is_set()
         assert first["dist/env_crashes"] == 1 and first["dist/env_restarts"] == 1
         assert first["dist/env_failed_episodes"] >= 1
+        assert first["train/episodes"] == n
         assert first["train/end_env_error"] * n == pytest.approx(first["dist/env_failed_episodes"])
         second = t.train_step()  # the fresh worker serves the next step
         assert (
