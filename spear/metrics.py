@@ -24,9 +24,12 @@ def sync_metrics(metrics: Mapping[str, Tensor | float | int]) -> dict[str, float
     """Turn a mix of tensors and numbers into floats with a single device->host copy."""
     names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
     out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
-    if names:
-        stacked = torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in names])  # type: ignore[union-attr]
-        out.update(zip(names, stacked.tolist()))
+    by_device: dict[torch.device, list[str]] = {}
+    for k in names:
+        by_device.setdefault(metrics[k].device, []).append(k)  # type: ignore[union-attr]
+    for keys in by_device.values():  # stacked where they live: one copy per device
+        stacked = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])  # type: ignore[union-attr]
+        out.update(zip(keys, stacked.cpu().tolist()))
     return dict(sorted(out.items()))
 
 

@@ -109,8 +109,9 @@ def policy_update(
     token-weighted means over micro-batches, kept as tensors (the caller syncs once per step).
     """
     policy.model.train()
-    sums: dict[str, Tensor] = {}
-    weight_total = torch.zeros(())
+    sums: dict[str, Tensor] = {}  # on the policy's device: no host sync until the caller's
+    zero = torch.zeros((), device=policy.device)
+    weight_total = zero
     steps = skipped = 0
     for _ in range(settings.epochs):
         for rows in _mini_batches(batch.num_rows, settings.mini_batch_size, generator):
@@ -129,29 +130,24 @@ def policy_update(
                 loss, m = _micro_loss(policy, micro, settings, norm, generator, ref)
                 (loss * loss_scale).backward()
                 total = total + loss.detach()
-                w = micro.loss_mask.sum().cpu()
+                w = micro.loss_mask.sum()
                 for k, v in m.items():  # counts add up; means are token-weighted
-                    sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * (
-                        1 if k in COUNT_METRICS else w
-                    )
+                    sums[k] = sums.get(k, zero) + v.float() * (1 if k in COUNT_METRICS else w)
                 weight_total = weight_total + w
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 policy.trainable_parameters, settings.grad_clip
             )
-            if bool(
-                torch.isfinite(grad_norm) & torch.isfinite(total)
-            ):  # one sync per optimizer step
+            # the one host sync per optimizer step: skip a non-finite update
+            if bool(torch.isfinite(grad_norm) & torch.isfinite(total)):
                 policy.optimizer.step()
                 steps += 1
             else:
                 policy.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-            sums["grad_norm"] = (
-                sums.get("grad_norm", torch.zeros(())) + grad_norm.detach().float().cpu()
-            )
+            sums["grad_norm"] = sums.get("grad_norm", zero) + grad_norm.detach().float()
     denom = weight_total.clamp(min=1)
     metrics = {
         k: v if k in COUNT_METRICS else v / denom for k, v in sums.items() if k != "grad_norm"
     }
-    metrics["grad_norm"] = sums.get("grad_norm", torch.zeros(())) / max(1, steps + skipped)
+    metrics["grad_norm"] = sums.get("grad_norm", zero) / max(1, steps + skipped)
     return UpdateResult(metrics=metrics, optimizer_steps=steps, skipped_steps=skipped)
