@@ -64,16 +64,32 @@ class EnvPoolParams:
     max_concurrency: int
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
-            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        for name in ("call_timeout_s", "start_timeout_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        check_fields(
+            self, at_least_one=("num_workers", "max_concurrency"),
+            positive=("cpus_per_worker", "call_timeout_s", "start_timeout_s"),
+        )  # fmt: skip
+
+
+def check_fields(
+    params: Any,
+    *,
+    at_least_one: Sequence[str] = (),
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+) -> None:
+    """Validate a worker-parameter record's fields by name: counts ``>= 1``, finite ``> 0`` and
+    finite ``>= 0`` numbers; the error names the field."""
+    for name in at_least_one:
+        if getattr(params, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(params, name)}")
+    for name in positive:
+        value = getattr(params, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be > 0 and finite, got {value}")
+    for name in non_negative:
+        value = getattr(params, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be >= 0 and finite, got {value}")
 
 
 @dataclass

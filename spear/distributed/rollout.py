@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import threading
 import time
@@ -39,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from spear.distributed.env_pool import EnvPoolError, _ray, check_cpu_request
+from spear.distributed.env_pool import EnvPoolError, _ray, check_cpu_request, check_fields
 from spear.registry import Registry
 from spear.rollout.engine import Generation, HFEngine, RolloutEngine, SamplingParams
 
@@ -64,16 +63,10 @@ class WorkerParams:
     start_timeout_s: float
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if not (math.isfinite(self.num_cpus) and self.num_cpus > 0):
-            raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
-        if not (math.isfinite(self.num_gpus) and self.num_gpus >= 0):
-            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
-        for name in ("call_timeout_s", "start_timeout_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        check_fields(
+            self, at_least_one=("num_workers",), non_negative=("num_gpus",),
+            positive=("num_cpus", "call_timeout_s", "start_timeout_s"),
+        )  # fmt: skip
 
 
 @dataclass
