@@ -112,28 +112,50 @@ def _get(cfg: Config, dotted: str) -> Any:
     return value
 
 
-def build_config(method: str, seed: int, args: argparse.Namespace) -> Config:
-    """The run config of ``method``: preset <- budget (and SPEAR) sections of default.yaml <- overrides."""
-    preset, spear_lines, extra = METHODS[method]
-    default = yaml.safe_load(DEFAULT_RUN_CONFIG.read_text())
-    sections = BUDGET_SECTIONS + (SPEAR_SECTIONS if spear_lines else ())
-    layer = {k: default[k] for k in sections if k in default}
-    overrides = [
-        f"trainer.seed={seed}",
-        f"trainer.save_every={args.save_every}",
-        f"trainer.num_threads={args.threads}",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        f"model.cache_dir={args.cache_dir}",
-    ]
-    if args.steps is not None:
-        overrides.append(f"trainer.steps={args.steps}")
-    if args.eval_tasks is not None:
-        overrides.append(f"eval.num_tasks={args.eval_tasks}")
+def method_config(
+    method: tuple[str, bool, list[str]],
+    run_config: Path,
+    sections: tuple[str, ...],
+    spear_sections: tuple[str, ...],
+    overrides: Sequence[str],
+) -> Config:
+    """One method's config: its preset <- the ``sections`` of ``run_config`` (plus
+    ``spear_sections`` for SPEAR variants) <- ``overrides`` <- the method's own overrides.
+
+    ``method`` is a :data:`METHODS` entry ``(preset, is_spear, extra overrides)``; every method
+    built from the same ``run_config`` and ``overrides`` gets the same budget."""
+    preset, spear_lines, extra = method
+    base = yaml.safe_load(run_config.read_text())
+    wanted = sections + (spear_sections if spear_lines else ())
+    layer = {k: base[k] for k in wanted if k in base}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "budget.yaml"
         path.write_text(yaml.safe_dump(layer, sort_keys=False))
         return load_config(preset=preset, file=path, overrides=[*overrides, *extra])
+
+
+def run_overrides(seed: int, save_every: int, threads: int, cache_dir: str) -> list[str]:
+    """The overrides every benchmark run gets: seed, checkpointing, threads, quiet, cache."""
+    return [
+        f"trainer.seed={seed}",
+        f"trainer.save_every={save_every}",
+        f"trainer.num_threads={threads}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        f"model.cache_dir={cache_dir}",
+    ]
+
+
+def build_config(method: str, seed: int, args: argparse.Namespace) -> Config:
+    """The run config of ``method``: preset <- budget (and SPEAR) sections of default.yaml <- overrides."""
+    overrides = run_overrides(seed, args.save_every, args.threads, args.cache_dir)
+    if args.steps is not None:
+        overrides.append(f"trainer.steps={args.steps}")
+    if args.eval_tasks is not None:
+        overrides.append(f"eval.num_tasks={args.eval_tasks}")
+    return method_config(
+        METHODS[method], DEFAULT_RUN_CONFIG, BUDGET_SECTIONS, SPEAR_SECTIONS, overrides
+    )
 
 
 # ------------------------------------------------------------------------------ summaries

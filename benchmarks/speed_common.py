@@ -36,29 +36,15 @@ def build_config(
 ) -> Any:
     """The config of ``method`` with the default run's budget, built by the same rules as
     ``benchmarks/learning.py`` (its method table and budget sections), plus ``overrides``."""
-    import yaml
-
-    from spear.config import DEFAULT_RUN_CONFIG, load_config
+    from spear.config import DEFAULT_RUN_CONFIG
 
     sys.path.insert(0, str(ROOT))
     import learning
 
-    preset, spear_lines, extra = learning.METHODS[method]
-    default = yaml.safe_load(DEFAULT_RUN_CONFIG.read_text())
-    sections = learning.BUDGET_SECTIONS + (learning.SPEAR_SECTIONS if spear_lines else ())
-    layer = {k: default[k] for k in sections if k in default}
-    base = [
-        f"trainer.seed={seed}",
-        "trainer.save_every=0",
-        f"trainer.num_threads={threads}",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        f"model.cache_dir={cache_dir}",
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "budget.yaml"
-        path.write_text(yaml.safe_dump(layer, sort_keys=False))
-        return load_config(preset=preset, file=path, overrides=[*base, *extra, *overrides])
+    return learning.method_config(
+        learning.METHODS[method], DEFAULT_RUN_CONFIG, learning.BUDGET_SECTIONS,
+        learning.SPEAR_SECTIONS, [*learning.run_overrides(seed, 0, threads, cache_dir), *overrides],
+    )  # fmt: skip
 
 
 def peak_rss_mb() -> float:

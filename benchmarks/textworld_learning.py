@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning  # benchmarks/learning.py, the shared runner
 
-from spear.config import Config, load_config
+from spear.config import Config
 
 ROOT = Path(__file__).resolve().parent
 TW_CONFIG = ROOT.parent / "spear" / "configs" / "textworld.yaml"
@@ -65,25 +62,13 @@ KEY_SETTINGS = [
 
 def build_config(method: str, seed: int, args: argparse.Namespace) -> Config:
     """``method``'s preset <- the budget (and, for SPEAR, replay/reward) sections <- overrides."""
-    preset, spear_lines, extra = METHODS[method]
-    base = yaml.safe_load(TW_CONFIG.read_text())
-    sections = BUDGET_SECTIONS + (SPEAR_SECTIONS if spear_lines else ())
-    layer = {k: base[k] for k in sections if k in base}
-    overrides = [
-        f"trainer.seed={seed}",
-        f"trainer.save_every={args.save_every}",
-        f"trainer.num_threads={args.threads}",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        f"model.cache_dir={args.cache_dir}",
-        f"task.game_cache_dir={args.game_cache_dir}",
-    ]
+    overrides = learning.run_overrides(seed, args.save_every, args.threads, args.cache_dir)
+    overrides.append(f"task.game_cache_dir={args.game_cache_dir}")
     if args.steps is not None:
         overrides.append(f"trainer.steps={args.steps}")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "budget.yaml"
-        path.write_text(yaml.safe_dump(layer, sort_keys=False))
-        return load_config(preset=preset, file=path, overrides=[*overrides, *extra])
+    return learning.method_config(
+        METHODS[method], TW_CONFIG, BUDGET_SECTIONS, SPEAR_SECTIONS, overrides
+    )
 
 
 def _use_textworld_methods() -> None:
