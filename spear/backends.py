@@ -61,6 +61,12 @@ class RolloutRequest:
 class Backend(Protocol):
     """Runs the trainer's rollouts and updates somewhere."""
 
+    @property
+    def fuses_old_logprobs(self) -> bool:
+        """Whether :meth:`update` can take the old log-probs from its own forward pass
+        (``old_from_forward``, see :mod:`spear.update`)."""
+        ...
+
     def rollout(
         self, request: RolloutRequest, generator: torch.Generator, times: RolloutTimes | None = None
     ) -> list[Episode]:
@@ -76,6 +82,7 @@ class Backend(Protocol):
         generator: torch.Generator,
         *,
         loss_scale: float,
+        old_from_forward: bool = False,
     ) -> UpdateResult:
         """``policy_update`` of ``policy`` on ``batch`` (``policy`` holds the result after)."""
         ...
@@ -99,6 +106,8 @@ BACKENDS: Registry[Callable[[Config, Components], Backend]] = Registry("trainer.
 class LocalBackend:
     """Everything in this process: the trainer's engine shares the policy's module."""
 
+    fuses_old_logprobs = True
+
     def __init__(self, components: Components) -> None:
         self.c = components
 
@@ -115,8 +124,16 @@ class LocalBackend:
         generator: torch.Generator,
         *,
         loss_scale: float,
+        old_from_forward: bool = False,
     ) -> UpdateResult:
-        return policy_update(policy, batch, settings, generator, loss_scale=loss_scale)
+        return policy_update(
+            policy,
+            batch,
+            settings,
+            generator,
+            loss_scale=loss_scale,
+            old_from_forward=old_from_forward,
+        )
 
     def sync_weights(self, policy: Policy) -> None:
         """Nothing to do: the engine samples from the module the optimizer updates."""

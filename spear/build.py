@@ -86,7 +86,14 @@ def build_policy(cfg: Config) -> Policy:
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt, sched = build_optimizer(trainable, cfg.optim, cfg.trainer.steps)
-    return Policy(model=model, tokenizer=tok, device=device, optimizer=opt, scheduler=sched)
+    return Policy(
+        model=model,
+        tokenizer=tok,
+        device=device,
+        optimizer=opt,
+        scheduler=sched,
+        share_prefix=cfg.optim.share_prefix,
+    )
 
 
 def _loss_params(cfg: Config, *, replay: bool) -> PolicyLossParams:

@@ -232,6 +232,9 @@ class OptimConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int | None = None  # samples per optimizer step; None = the whole batch
     micro_batch_size: int = Field(32, ge=1)  # samples per forward/backward
+    # run a prefix shared by several rows (system prompt, a group's task prompt) through the
+    # decoder once per micro-batch and hand its KV cache to the rows; same values up to rounding
+    share_prefix: bool = True
 
 
 class EvalConfig(_Section):

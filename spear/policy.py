@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from spear.algo.logprobs import logprobs_from_hidden
 from spear.config import Config, OptimConfig
+from spear.models.prefix import plan_shared_prefix, run_prefix_plan
 from spear.types import TokenBatch
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,30 @@ def scatter_tokens(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size
     return values.new_zeros(shape).index_put((rows, cols), values[0])
 
 
+def unscored_prefix(loss_mask: Tensor, attention_mask: Tensor) -> Tensor:
+    """Leading tokens per row whose hidden states no log-prob reads: everything before the token
+    that precedes the row's first scored position (the whole row if none is scored). ``[N]``."""
+    scored = loss_mask > 0
+    scored[:, 0] = False
+    cols = torch.arange(loss_mask.shape[1], device=loss_mask.device).expand_as(loss_mask)
+    first = torch.where(scored, cols, loss_mask.shape[1]).amin(dim=1)  # [N]
+    return torch.minimum(first - 1, attention_mask.sum(dim=1))
+
+
 def length_order(attention_mask: Tensor) -> Tensor:
     """Row indices sorted by sequence length (ties keep row order). ``[N, T] -> [N]`` long."""
     return torch.argsort(attention_mask.sum(dim=1), stable=True)
+
+
+def prefix_order(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    """Row indices with rows of the same unscored prefix (:func:`unscored_prefix`) next to each
+    other, prefixes in order of first appearance, shorter rows first within one (ties keep row
+    order): micro-batches cut from it share their prompts. ``[N, T] -> [N]`` long."""
+    q, lengths = unscored_prefix(loss_mask, attention_mask).tolist(), attention_mask.sum(1).tolist()
+    ids = input_ids.tolist()
+    first: dict[tuple[int, ...], int] = {}
+    keys = [first.setdefault(tuple(ids[i][: q[i]]), len(first)) for i in range(len(ids))]
+    return torch.tensor(sorted(range(len(ids)), key=lambda i: (keys[i], lengths[i])))
 
 
 @dataclass
@@ -117,6 +139,7 @@ class Policy:
     device: torch.device
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    share_prefix: bool = True  # run prefixes shared by rows once (spear.models.prefix)
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -127,6 +150,14 @@ class Policy:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return base.get_decoder(), base.get_output_embeddings()
 
+    def _shares_prefix(self, decoder: nn.Module) -> bool:
+        """Prefix sharing is on and possible: activation checkpointing drops the KV cache in a
+        training forward pass (transformers' checkpointed layers), so it is off then."""
+        if not self.share_prefix:
+            return False
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+        return not (checkpointed and decoder.training and torch.is_grad_enabled())
+
     def forward_logprobs(
         self, batch: TokenBatch, *, temperature: float, with_entropy: bool
     ) -> tuple[Tensor, Tensor | None]:
@@ -134,18 +165,33 @@ class Policy:
         where ``batch.loss_mask > 0``; every other entry (prompt, observation and padding
         tokens, column 0) is 0.
 
-        Only those positions go through the LM head and the softmax: the decoder runs on every
-        token, but prompt and observation positions, which no loss or metric reads, cost no
-        ``[*, V]`` projection.
+        Only those positions go through the LM head and the softmax, so prompt and observation
+        positions, which no loss or metric reads, cost no ``[*, V]`` projection. With
+        ``share_prefix`` a prefix several rows share (the system prompt, a group's task prompt)
+        runs through the decoder once (:func:`~spear.models.prefix.plan_shared_prefix`).
         """
         decoder, head = self._decoder_and_head()
-        hidden = decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
-        # token (rows, cols) is scored from hidden (rows, cols - 1)
         rows, cols = loss_positions(batch.loss_mask)
+        plan = (
+            plan_shared_prefix(
+                batch.input_ids,
+                batch.attention_mask,
+                unscored_prefix(batch.loss_mask, batch.attention_mask),
+            )
+            if rows.numel() > 0 and self._shares_prefix(decoder)
+            else None
+        )
+        if plan is None:
+            hidden = decoder(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+            offset = torch.zeros_like(rows)
+        else:
+            hidden = run_prefix_plan(decoder, plan)  # column j of row i is input column start + j
+            offset = plan.suffix_start[rows]
+        # token (rows, cols) is scored from the hidden state of input column cols - 1
         lp, ent = logprobs_from_hidden(
-            hidden[rows, cols - 1][None],
+            hidden[rows, cols - 1 - offset][None],
             head.weight,
             batch.input_ids[rows, cols][None],
             temperature=temperature,
@@ -167,13 +213,18 @@ class Policy:
         """Log-probs of a whole batch without gradients, micro-batch by micro-batch. ``[N, T]``.
 
         Rows are grouped into micro-batches in order of length (:func:`length_order`), so each
-        micro-batch is padded only to its own similar-length rows; the output is in row order.
-        Each row's values do not depend on its micro-batch partners beyond float rounding.
+        micro-batch is padded only to its own similar-length rows, or, with ``share_prefix``,
+        by shared prompt first (:func:`prefix_order`); the output is in row order. Each row's
+        values do not depend on its micro-batch partners beyond float rounding.
         """
         was_training = self.model.training
         self.model.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        order = length_order(batch.attention_mask)
+        order = (
+            prefix_order(batch.input_ids, batch.attention_mask, batch.loss_mask)
+            if self.share_prefix
+            else length_order(batch.attention_mask)
+        )
         for start in range(0, batch.num_rows, micro_batch_size):
             rows = order[start : start + micro_batch_size]
             micro = batch.select(rows).to(self.device)

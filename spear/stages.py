@@ -95,8 +95,14 @@ def fill_old_logprobs(policy: Policy, samples: Sequence[Sample], cfg: Config) ->
     lp = policy.batch_logprobs(
         batch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature
     )
+    set_behavior_logprobs(samples, lp)
+
+
+def set_behavior_logprobs(samples: Sequence[Sample], logprobs: Tensor) -> None:
+    """Row ``i`` of ``logprobs [N, T]`` becomes sample ``i``'s behaviour log-probs (0 off its
+    loss mask)."""
     for i, s in enumerate(samples):
-        s.behavior_logprobs = lp[i, : s.num_tokens] * s.loss_mask.float()
+        s.behavior_logprobs = logprobs[i, : s.num_tokens] * s.loss_mask.float()
 
 
 def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:

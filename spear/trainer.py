@@ -41,8 +41,14 @@ from spear.metrics import MetricLogger, sync_metrics
 from spear.replay import ReplayBatch
 from spear.rewards import assign_rewards
 from spear.rollout.loop import RolloutTimes
-from spear.stages import compute_advantages, episode_metrics, fill_old_logprobs
+from spear.stages import (
+    compute_advantages,
+    episode_metrics,
+    fill_old_logprobs,
+    set_behavior_logprobs,
+)
 from spear.types import Episode, Sample, TokenBatch
+from spear.update import UpdateSettings, single_step
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,11 @@ class StageTimer:
         self.seconds[f"time/{name}"] = (
             self.seconds.get(f"time/{name}", 0.0) + time.perf_counter() - t0
         )
+
+
+def _trainable(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples an update trains on: unfiltered, with at least one response token."""
+    return [s for s in samples if not s.is_filtered and s.num_response_tokens > 0]
 
 
 class Trainer:
@@ -113,12 +124,18 @@ class Trainer:
         )
         m.update(group_m)
         samples = [s for e in episodes for s in e.samples]
-        if cfg.rollout.recompute_old_logprobs:  # else the sampler's log-probs are kept
+        recompute = cfg.rollout.recompute_old_logprobs  # else the sampler's log-probs are kept
+        fused = recompute and self._fuses_old_logprobs(samples, c.update)
+        if recompute and not fused:
             with timer("old_logprobs"):
                 fill_old_logprobs(c.policy, samples, cfg)
         m.update(compute_advantages(samples, cfg))
         with timer("update"):
-            m.update(self._update(samples, c.update, _UPDATE, step, scale=1.0, prefix="actor"))
+            m.update(
+                self._update(
+                    samples, c.update, _UPDATE, step, scale=1.0, prefix="actor", fused_old=fused
+                )
+            )
         with timer("sil_update"):
             m.update(self._self_imitation(step))
         if c.buffer is not None:
@@ -151,17 +168,24 @@ class Trainer:
             request, stage_generator(cfg.trainer.seed, step, _SAMPLING), self._rollout_times
         )
 
+    def _fuses_old_logprobs(self, samples: Sequence[Sample], settings: UpdateSettings) -> bool:
+        """Whether the update of ``samples`` can take the current policy's old log-probs from its
+        own forward pass instead of a separate pass: it is one optimizer step, so that pass sees
+        the same policy on the same tokens (:mod:`spear.update`)."""
+        return self.backend.fuses_old_logprobs and single_step(settings, len(_trainable(samples)))
+
     def _update(
         self,
         samples: Sequence[Sample],
-        settings,
+        settings: UpdateSettings,
         stage: int,
         step: int,
         *,
         scale: float,
         prefix: str,
+        fused_old: bool = False,
     ) -> dict[str, Tensor | float]:
-        trainable = [s for s in samples if not s.is_filtered and s.num_response_tokens > 0]
+        trainable = _trainable(samples)
         if not trainable:
             return {f"{prefix}/optimizer_steps": 0.0}
         batch = TokenBatch.collate(trainable, pad_id=self.c.policy.tokenizer.pad_token_id)
@@ -171,7 +195,10 @@ class Trainer:
             settings,
             stage_generator(self.cfg.trainer.seed, step, stage),
             loss_scale=scale,
+            old_from_forward=fused_old,
         )
+        if res.old_logprobs is not None:  # the behaviour log-probs the replay buffer keeps
+            set_behavior_logprobs(trainable, res.old_logprobs)
         self.nonfinite_streak = self.nonfinite_streak + 1 if res.skipped_steps else 0
         if res.skipped_steps:
             log.warning(
@@ -199,9 +226,11 @@ class Trainer:
             return out
         replay: ReplayBatch = c.buffer.consume(step)
         out.update({f"replay/{k}": v for k, v in replay.stats_metrics().items()})
-        if self.cfg.replay.recompute_old_logprobs:
-            fill_old_logprobs(c.policy, replay.samples, self.cfg)
         if replay.samples and weight > 0:
+            recompute = self.cfg.replay.recompute_old_logprobs
+            fused = recompute and self._fuses_old_logprobs(replay.samples, c.replay_update)
+            if recompute and not fused:
+                fill_old_logprobs(c.policy, replay.samples, self.cfg)
             out.update(
                 self._update(
                     replay.samples,
@@ -210,6 +239,7 @@ class Trainer:
                     step,
                     scale=weight,
                     prefix="replay",
+                    fused_old=fused,
                 )
             )
         return out

@@ -5,6 +5,11 @@ optimizer step, accumulated over micro-batches. The aggregation normaliser (vali
 sequences, Dr.GRPO length constant) is computed over the whole mini-batch, so the gradient does
 not depend on how a mini-batch is split into micro-batches. A mini-batch whose loss or gradient
 norm is not finite is skipped (no optimizer step) and counted.
+
+When the update is a single optimizer step over the batch (one epoch, one mini-batch), the
+parameters do not change until after every micro-batch's forward pass, so each forward pass *is*
+the policy before the update: ``old_from_forward`` takes the old log-probs from it (detached)
+instead of from a separate pass, and returns them as the batch's behaviour log-probs.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ class UpdateResult:
     metrics: dict[str, Tensor]
     optimizer_steps: int
     skipped_steps: int
+    old_logprobs: Tensor | None = None  # [N, T] in batch row order, with ``old_from_forward``
+
+
+def single_step(settings: UpdateSettings, num_rows: int) -> bool:
+    """True when an update of ``num_rows`` rows is one optimizer step (one epoch, one mini-batch)."""
+    return settings.epochs == 1 and settings.mini_batch_size >= num_rows
 
 
 def _mini_batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
@@ -61,8 +72,10 @@ def _micro_loss(
     norm: AggregationNorm,
     generator: torch.Generator,
     ref_logprobs: Tensor | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss of one micro-batch, already scaled so that micro-batch losses sum to the mini-batch loss."""
+    old_from_forward: bool,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Loss of one micro-batch, already scaled so that micro-batch losses sum to the mini-batch
+    loss, and its log-probs ``[n, t]`` (detached)."""
     want_entropy = True  # entropy is always logged; it enters the loss only if entropy_coef != 0
     lp, ent = policy.forward_logprobs(
         micro, temperature=settings.temperature, with_entropy=want_entropy
@@ -70,7 +83,7 @@ def _micro_loss(
     out = POLICY_LOSSES.get(settings.policy_loss)(
         PolicyLossInput(
             log_probs=lp,
-            old_log_probs=micro.old_logprobs,
+            old_log_probs=lp.detach() if old_from_forward else micro.old_logprobs,
             advantages=micro.advantages,
             mask=micro.loss_mask,
         ),
@@ -91,7 +104,7 @@ def _micro_loss(
         loss = loss + settings.kl_coef * kl_term
         metrics["kl"] = kl_term.detach()
     metrics["pg_loss"] = loss.detach()
-    return loss, metrics
+    return loss, lp.detach(), metrics
 
 
 def policy_update(
@@ -102,13 +115,23 @@ def policy_update(
     *,
     loss_scale: float = 1.0,
     ref_logprobs: Tensor | None = None,
+    old_from_forward: bool = False,
 ) -> UpdateResult:
     """Run ``settings.epochs`` passes of mini-batch optimizer steps over ``batch``.
 
     ``loss_scale`` multiplies the loss (the SIL weight lambda(t) for the replay pass). Metrics are
     token-weighted means over micro-batches, kept as tensors (the caller syncs once per step).
+    ``old_from_forward`` (only for a :func:`single_step` update) ignores ``batch.old_logprobs``
+    and uses the forward pass's own log-probs, returned in ``UpdateResult.old_logprobs``.
     """
+    if old_from_forward and not single_step(settings, batch.num_rows):
+        raise ValueError(
+            "old log-probs can come from the update's forward pass only when the update is one "
+            f"optimizer step (epochs={settings.epochs}, mini_batch_size="
+            f"{settings.mini_batch_size}, rows={batch.num_rows})"
+        )
     policy.model.train()
+    olds = torch.zeros(batch.input_ids.shape, device=policy.device) if old_from_forward else None
     sums: dict[str, Tensor] = {}  # on the policy's device: no host sync until the caller's
     zero = torch.zeros((), device=policy.device)
     weight_total = zero
@@ -127,8 +150,12 @@ def policy_update(
                     if ref_logprobs is not None
                     else None
                 )
-                loss, m = _micro_loss(policy, micro, settings, norm, generator, ref)
+                loss, lp, m = _micro_loss(
+                    policy, micro, settings, norm, generator, ref, old_from_forward
+                )
                 (loss * loss_scale).backward()
+                if olds is not None:
+                    olds[rows[micro_rows], : lp.shape[1]] = lp.float()
                 total = total + loss.detach()
                 w = micro.loss_mask.sum()
                 for k, v in m.items():  # counts add up; means are token-weighted
@@ -150,4 +177,9 @@ def policy_update(
         k: v if k in COUNT_METRICS else v / denom for k, v in sums.items() if k != "grad_norm"
     }
     metrics["grad_norm"] = sums.get("grad_norm", zero) / max(1, steps + skipped)
-    return UpdateResult(metrics=metrics, optimizer_steps=steps, skipped_steps=skipped)
+    return UpdateResult(
+        metrics=metrics,
+        optimizer_steps=steps,
+        skipped_steps=skipped,
+        old_logprobs=olds.cpu() if olds is not None else None,
+    )

@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spear.policy import Policy, length_order
+from spear.policy import Policy, length_order, prefix_order
 from spear.types import Sample, TokenBatch
 
 
@@ -50,3 +50,13 @@ def test_batch_logprobs_rows_match_one_row_at_a_time() -> None:
         )
         n = one.shape[1]
         torch.testing.assert_close(got[i, :n], one[0], atol=1e-5, rtol=0)
+
+
+def test_prefix_order_puts_rows_of_one_prompt_together_shortest_first() -> None:
+    ids = torch.tensor([[1, 2, 7, 7, 0], [1, 3, 8, 0, 0], [1, 2, 9, 0, 0], [1, 3, 5, 5, 5]])
+    attn = (torch.arange(5) < torch.tensor([4, 3, 3, 5])[:, None]).long()
+    loss = torch.zeros(4, 5)
+    loss[:, 2:] = 1.0  # prompts [1, 2] and [1, 3]: each row's unscored prefix is [1]
+    assert prefix_order(ids, attn, loss).tolist() == [1, 2, 0, 3]  # all one prefix: by length
+    loss[:, 2] = 0.0  # now the prompts are [1, 2, x]: prefixes [1, 2] / [1, 3]
+    assert prefix_order(ids, attn, loss).tolist() == [2, 0, 1, 3]

@@ -182,3 +182,53 @@ def test_no_recompute_skips_the_old_logprob_pass(cache_dir, tmp_path, monkeypatc
     m = t.train_step()
     assert "time/old_logprobs" not in m and math.isfinite(m["actor/entropy"])
     t.close()
+
+
+def test_one_step_update_takes_old_logprobs_from_its_forward_pass(cache_dir, tmp_path, monkeypatch):
+    """With one optimizer step per batch (the default) no separate old-log-prob pass runs, and the
+    behaviour log-probs the samples keep (and the replay buffer stores) are the policy's own
+    before the update."""
+    import spear.trainer as trainer_module
+    from spear.types import TokenBatch
+
+    def refuse(*_, **__):
+        raise AssertionError("a separate old-log-prob pass ran")
+
+    seen: dict = {}
+    advantages = trainer_module.compute_advantages
+
+    def before_update(samples, cfg):  # runs between the old-log-prob decision and the update
+        kept = [s for s in samples if not s.is_filtered and s.num_response_tokens > 0]
+        batch = TokenBatch.collate(kept, pad_id=t.c.policy.tokenizer.pad_token_id)
+        seen["samples"] = kept
+        seen["want"] = t.c.policy.batch_logprobs(batch, micro_batch_size=3, temperature=1.0)
+        return advantages(samples, cfg)
+
+    monkeypatch.setattr(trainer_module, "fill_old_logprobs", refuse)
+    monkeypatch.setattr(trainer_module, "compute_advantages", before_update)
+    (tmp_path / "run").mkdir()
+    t = Trainer(_cfg(cache_dir, tmp_path / "run"), tmp_path / "run")
+    m = t.train_step()
+    assert "time/old_logprobs" not in m and m["actor/optimizer_steps"] == 1
+    assert seen["samples"]
+    for i, s in enumerate(seen["samples"]):
+        mask = s.loss_mask.bool()
+        torch.testing.assert_close(
+            s.behavior_logprobs[mask], seen["want"][i, : s.num_tokens][mask], atol=1e-5, rtol=0
+        )
+    t.close()
+
+
+def test_several_optimizer_steps_recompute_old_logprobs_first(cache_dir, tmp_path, monkeypatch):
+    import spear.trainer as trainer_module
+
+    calls = []
+    fill = trainer_module.fill_old_logprobs
+    monkeypatch.setattr(
+        trainer_module, "fill_old_logprobs", lambda *a, **k: calls.append(1) or fill(*a, **k)
+    )
+    (tmp_path / "run").mkdir()
+    t = Trainer(_cfg(cache_dir, tmp_path / "run", "optim.ppo_epochs=2"), tmp_path / "run")
+    m = t.train_step()
+    assert calls and "time/old_logprobs" in m and m["actor/optimizer_steps"] == 2
+    t.close()

@@ -166,10 +166,25 @@ class RayBackend:
         generator: torch.Generator,
         *,
         loss_scale: float,
+        old_from_forward: bool = False,
     ) -> UpdateResult:
         if self.trainers is None:
-            return policy_update(policy, batch, settings, generator, loss_scale=loss_scale)
+            return policy_update(
+                policy,
+                batch,
+                settings,
+                generator,
+                loss_scale=loss_scale,
+                old_from_forward=old_from_forward,
+            )
+        if old_from_forward:
+            raise ValueError("train ranks compute no old log-probs: recompute them on the driver")
         return self.trainers.update(policy, batch, settings, generator, loss_scale=loss_scale)
+
+    @property
+    def fuses_old_logprobs(self) -> bool:
+        """The driver's own update can take old log-probs from its forward pass; ranks cannot."""
+        return self.trainers is None
 
     def sync_weights(self, policy: Policy) -> None:
         if self.engines is not None:

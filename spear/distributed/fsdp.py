@@ -317,7 +317,7 @@ def _dp_optimizer_step(
         micro = local.select(rows).to(policy.device)
         ref = local_ref[rows, : micro.input_ids.shape[1]] if local_ref is not None else None
         _set_gradient_sync(policy.model, k == len(starts) - 1)
-        loss, metrics = _micro_loss(policy, micro, settings, norm, generator, ref)
+        loss, _, metrics = _micro_loss(policy, micro, settings, norm, generator, ref, False)
         (loss * loss_scale).backward()
         total = total + loss.detach()
         acc.add(metrics, micro.loss_mask.sum())

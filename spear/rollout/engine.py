@@ -13,7 +13,6 @@ top-k / top-p support and renormalised. Greedy decoding (``temperature == 0``) r
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from spear.models.prefix import cache_kwarg, cache_of
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,12 @@ class HFEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache, logits = _cache_of(out), out.logits[:, -1, :].float()  # [U, V]
+        cache, logits = cache_of(out), out.logits[:, -1, :].float()  # [U, V]
         if inverse is not None:  # one prefill per distinct prompt, copied to its rows
             index = torch.as_tensor(inverse, dtype=torch.long, device=self.device)
             cache.batch_select_indices(index)
             attn, positions, logits = attn[index], positions[index], logits[index]  # [N, ...]
-        cache_arg = _cache_kwarg(self.model)
+        cache_arg = cache_kwarg(self.model)
         next_pos = positions[:, -1] + 1  # [N]
         n = len(prompts)
         rows = _Rows(
@@ -334,7 +335,7 @@ class HFEngine:
                 use_cache=True,
                 **{cache_arg: cache},
             )
-            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+            cache, logits = cache_of(out), out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         return [
             Generation(token_ids=t, logprobs=lps, finish_reason=r or "length")
@@ -375,23 +376,6 @@ def _module_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """The forward argument taking the KV cache: ``cache`` (transformers >= 5.2x) or
-    ``past_key_values`` (older releases)."""
-    unwrap = getattr(model, "get_base_model", None)  # peft wrappers
-    base = unwrap() if callable(unwrap) else model
-    try:
-        names = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in names else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _vocab_size(model: nn.Module) -> int | None:

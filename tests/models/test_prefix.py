@@ -1,0 +1,165 @@
+"""Shared-prefix forward passes: the plan's shape on hand-made rows, and equality with a plain
+forward pass (hidden states, log-probs, entropies, gradients) on a tiny Llama."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spear.models.prefix import plan_shared_prefix, run_prefix_plan
+from spear.policy import Policy, unscored_prefix
+from spear.types import Sample, TokenBatch
+
+
+def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+# a system prompt [1, 2, 3], two tasks ([4, 5] and [6]), two rollouts each with own responses
+ROWS = [
+    [1, 2, 3, 4, 5, 9, 10, 11],
+    [1, 2, 3, 4, 5, 9, 12],
+    [1, 2, 3, 6, 9, 13, 14, 15, 16],
+    [1, 2, 3, 6, 9, 17],
+]
+SHAREABLE = torch.tensor([5, 5, 4, 4])  # each row's prompt minus its last token ([9])
+
+
+def test_plan_has_a_common_level_a_group_level_and_row_suffixes() -> None:
+    ids, mask = _right_padded(ROWS)
+    plan = plan_shared_prefix(ids, mask, SHAREABLE)
+    assert plan is not None
+    common, groups, rows = plan.levels
+    assert common.ids.tolist() == [[1, 2, 3]] and common.parent is None
+    assert groups.ids.tolist() == [[4, 5], [6, 0]]  # right-padded: the pad is a mask hole
+    assert groups.mask.tolist() == [[1, 1], [1, 0]]
+    assert groups.start.tolist() == [3, 3] and groups.parent.tolist() == [0, 0]
+    assert rows.parent.tolist() == [0, 0, 1, 1]
+    assert rows.start.tolist() == [5, 5, 4, 4] == plan.suffix_start.tolist()
+    assert rows.ids.tolist() == [[9, 10, 11, 0, 0], [9, 12, 0, 0, 0], [9, 13, 14, 15, 16],
+                                 [9, 17, 0, 0, 0]]  # fmt: skip
+    # 3 + 2 * 2 + 4 * 5 positions instead of 4 * 9
+    assert (plan.positions, plan.plain_positions) == (27, 36)
+
+
+def test_distinct_groups_skip_the_group_level() -> None:
+    ids, mask = _right_padded([[1, 2, 3, 4, 5, 6, 7, 9, 10, 11], [1, 2, 3, 4, 5, 6, 8, 9, 12]])
+    plan = plan_shared_prefix(ids, mask, torch.tensor([7, 7]))
+    assert plan is not None and len(plan.levels) == 2
+    assert plan.levels[1].ids.tolist() == [[7, 9, 10, 11], [8, 9, 12, 0]]
+    assert plan.suffix_start.tolist() == [6, 6]
+
+
+def test_no_plan_without_a_common_first_token_or_enough_saving() -> None:
+    ids, mask = _right_padded([[1, 2, 3, 4], [7, 2, 3, 4]])
+    assert plan_shared_prefix(ids, mask, torch.tensor([3, 3])) is None
+    ids, mask = _right_padded([[1, 2, 3, 4, 5, 6, 7, 8], [1, 9, 10, 11, 12, 13, 14, 15]])
+    assert plan_shared_prefix(ids, mask, torch.tensor([6, 6])) is None  # 1 + 2 * 7 > 0.75 * 16
+    ids, mask = _right_padded(ROWS)
+    assert plan_shared_prefix(ids, mask, torch.tensor([5, 5, 4, 0])) is None  # a row shares 0
+    assert plan_shared_prefix(ids[:1], mask[:1], SHAREABLE[:1]) is None  # one row
+
+
+def _lm(seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def test_plan_hidden_states_equal_a_plain_forward() -> None:
+    lm = _lm()
+    ids, mask = _right_padded(ROWS)
+    plan = plan_shared_prefix(ids, mask, SHAREABLE)
+    assert plan is not None
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        shared = run_prefix_plan(lm.model, plan)
+    for i, row in enumerate(ROWS):
+        start = int(plan.suffix_start[i])
+        torch.testing.assert_close(
+            shared[i, : len(row) - start], plain[i, start : len(row)], atol=1e-5, rtol=0
+        )
+
+
+def _policy(share: bool) -> Policy:
+    lm = _lm(1)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return Policy(lm, None, torch.device("cpu"), opt, sched, share_prefix=share)
+
+
+def _episode_batch() -> TokenBatch:
+    """Multi-turn rows: a scored response, an unscored observation, another scored response."""
+    samples = []
+    for i, row in enumerate(ROWS):
+        scored = torch.zeros(len(row), dtype=torch.bool)
+        scored[int(SHAREABLE[i]) + 1 :] = True
+        if len(row) > 8:
+            scored[7] = False  # an observation token between two responses
+        samples.append(
+            Sample(input_ids=torch.tensor(row), loss_mask=scored,
+                   behavior_logprobs=torch.zeros(len(row)), group_id=i // 2, episode_id=i)
+        )  # fmt: skip
+    batch = TokenBatch.collate(samples, pad_id=0)
+    return batch
+
+
+def test_unscored_prefix_stops_before_the_first_scored_token() -> None:
+    batch = _episode_batch()
+    assert unscored_prefix(batch.loss_mask, batch.attention_mask).tolist() == [5, 5, 4, 4]
+
+
+def test_shared_prefix_logprobs_entropy_and_gradients_equal_the_plain_pass() -> None:
+    batch = _episode_batch()
+    out = {}
+    for share in (False, True):
+        policy = _policy(share)
+        lp, ent = policy.forward_logprobs(batch, temperature=0.7, with_entropy=True)
+        assert ent is not None
+        weights = torch.linspace(-1, 1, lp.numel()).view_as(lp)
+        ((lp * weights).sum() + 0.3 * ent.sum()).backward()
+        grads = {
+            n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None
+        }
+        out[share] = (lp.detach(), ent.detach(), grads)
+    (lp0, ent0, g0), (lp1, ent1, g1) = out[False], out[True]
+    assert (lp0 != 0).sum() == int(batch.loss_mask.sum()) > 0
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent1, ent0, atol=1e-5, rtol=0)
+    assert set(g1) == set(g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_activation_checkpointing_turns_sharing_off_in_training_passes(monkeypatch) -> None:
+    """Checkpointed transformers layers drop the KV cache when gradients are on: the training
+    pass must then run plainly (and still give the plain values); no-grad passes still share."""
+    import spear.policy as policy_module
+
+    batch = _episode_batch()
+    plain = _policy(False)
+    want, _ = plain.forward_logprobs(batch, temperature=1.0, with_entropy=False)
+    policy = _policy(True)
+    policy.model.gradient_checkpointing_enable()
+    policy.model.train()
+    planned = []
+    real_plan = policy_module.plan_shared_prefix
+    monkeypatch.setattr(
+        policy_module, "plan_shared_prefix", lambda *a, **k: planned.append(1) or real_plan(*a, **k)
+    )
+    got, _ = policy.forward_logprobs(batch, temperature=1.0, with_entropy=False)
+    assert not planned
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        got, _ = policy.forward_logprobs(batch, temperature=1.0, with_entropy=False)
+    assert planned
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -1,0 +1,101 @@
+"""The policy update taking its old log-probs from its own forward pass (one optimizer step)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spear.algo.losses import PolicyLossParams
+from spear.policy import Policy
+from spear.types import Sample, TokenBatch
+from spear.update import UpdateSettings, policy_update, single_step
+
+
+def _policy() -> Policy:
+    cfg = LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg).float()
+    opt = torch.optim.SGD(lm.parameters(), lr=0.5)
+    return Policy(
+        lm, None, torch.device("cpu"), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+
+
+def _batch() -> TokenBatch:
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 48, (6,), generator=g)
+    samples = []
+    for i, n in enumerate([5, 9, 3, 7, 6, 4]):  # one shared prompt, responses of n tokens
+        ids = torch.cat([prompt, torch.randint(0, 48, (n,), generator=g)])
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[len(prompt) :] = True
+        s = Sample(input_ids=ids, loss_mask=mask, behavior_logprobs=torch.zeros(len(ids)),
+                   group_id=0, episode_id=i)  # fmt: skip
+        s.advantage = (-1.0) ** i * (0.5 + 0.1 * i)
+        samples.append(s)
+    return TokenBatch.collate(samples, pad_id=0)
+
+
+def _settings(*, epochs: int = 1, mini: int = 6, loss: str = "clip_cov") -> UpdateSettings:
+    params = PolicyLossParams(
+        clip_low=0.2, clip_high=0.28, clip_c=3.0, cov_ratio=0.3, cov_lb=-5.0, cov_ub=5.0,
+        kl_cov_ratio=0.3, kl_cov_coef=1.0,
+    )  # fmt: skip
+    return UpdateSettings(
+        policy_loss=loss, loss_params=params, aggregation="token-mean", max_response_len=16,
+        entropy_coef=0.01, kl_coef=0.0, kl_type="k3", epochs=epochs, mini_batch_size=mini,
+        micro_batch_size=2, grad_clip=10.0, temperature=1.0,
+    )  # fmt: skip
+
+
+def test_single_step_is_one_epoch_over_one_mini_batch() -> None:
+    assert single_step(_settings(), 6) and single_step(_settings(mini=8), 6)
+    assert not single_step(_settings(mini=4), 6)
+    assert not single_step(_settings(epochs=2), 6)
+
+
+@pytest.mark.parametrize("loss", ["vanilla", "clip_cov", "kl_cov"])
+def test_old_logprobs_from_the_forward_pass_equal_a_separate_pass(loss: str) -> None:
+    batch = _batch()
+    separate = _policy()
+    old = separate.batch_logprobs(batch, micro_batch_size=4, temperature=1.0)
+    want = policy_update(
+        separate,
+        dataclasses.replace(batch, old_logprobs=old),
+        _settings(loss=loss),
+        torch.Generator().manual_seed(7),
+    )
+    fused = _policy()
+    got = policy_update(
+        fused,
+        dataclasses.replace(batch, old_logprobs=torch.full_like(old, 9.0)),  # must be ignored
+        _settings(loss=loss),
+        torch.Generator().manual_seed(7),
+        old_from_forward=True,
+    )
+    assert want.old_logprobs is None and got.old_logprobs is not None
+    scored = batch.loss_mask > 0
+    torch.testing.assert_close(got.old_logprobs[scored], old[scored], atol=1e-5, rtol=0)
+    assert (got.old_logprobs[~scored] == 0).all()
+    for (name, a), b in zip(separate.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=name)
+    for k in want.metrics:
+        torch.testing.assert_close(got.metrics[k], want.metrics[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("kwargs", [{"epochs": 2}, {"mini": 4}])
+def test_old_logprobs_from_the_forward_pass_need_a_single_step(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="one optimizer step"):
+        policy_update(
+            _policy(),
+            _batch(),
+            _settings(**kwargs),
+            torch.Generator().manual_seed(7),
+            old_from_forward=True,
+        )
