@@ -181,17 +181,19 @@ class Policy:
             if rows.numel() > 0 and self._shares_prefix(decoder)
             else None
         )
+        # token (rows, cols) is scored from the hidden state of input column cols - 1
         if plan is None:
             hidden = decoder(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
-            offset = torch.zeros_like(rows)
+            ).last_hidden_state  # [N, T, H]
+            scoring = hidden[rows, cols - 1]  # [M, H]
         else:
-            hidden = run_prefix_plan(decoder, plan)  # column j of row i is input column start + j
-            offset = plan.suffix_start[rows]
-        # token (rows, cols) is scored from the hidden state of input column cols - 1
+            flat = torch.cat(
+                [out.last_hidden_state.flatten(0, 1) for out, _ in run_prefix_plan(decoder, plan)]
+            )  # [sum R * W, H]
+            scoring = flat[plan.row_base[rows] + cols - 1 - plan.suffix_start[rows]]
         lp, ent = logprobs_from_hidden(
-            hidden[rows, cols - 1 - offset][None],
+            scoring[None],
             head.weight,
             batch.input_ids[rows, cols][None],
             temperature=temperature,
@@ -200,8 +202,8 @@ class Policy:
         )
         shape = batch.input_ids.shape
         if rows.numel() == 0:  # nothing to score: zeros that still depend on the model
-            zero = hidden[..., 0] * 0.0
-            return zero.float(), (zero.float() if with_entropy else None)
+            zero = batch.input_ids.new_zeros(shape, dtype=torch.float32) + scoring.sum() * 0.0
+            return zero, (zero if with_entropy else None)
         return scatter_tokens(lp, rows, cols, shape), (
             scatter_tokens(ent, rows, cols, shape) if ent is not None else None
         )

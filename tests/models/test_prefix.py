@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spear.models.prefix import plan_shared_prefix, run_prefix_plan
+from spear.models.prefix import (
+    group_runs,
+    plan_shared_prefix,
+    run_prefix_plan,
+    split_by_length,
+)
 from spear.policy import Policy, unscored_prefix
 from spear.types import Sample, TokenBatch
 
@@ -35,13 +40,14 @@ def test_plan_has_a_common_level_a_group_level_and_row_suffixes() -> None:
     ids, mask = _right_padded(ROWS)
     plan = plan_shared_prefix(ids, mask, SHAREABLE)
     assert plan is not None
-    common, groups, rows = plan.levels
+    (common, groups), (rows,) = plan.levels, plan.tails
     assert common.ids.tolist() == [[1, 2, 3]] and common.parent is None
     assert groups.ids.tolist() == [[4, 5], [6, 0]]  # right-padded: the pad is a mask hole
     assert groups.mask.tolist() == [[1, 1], [1, 0]]
-    assert groups.start.tolist() == [3, 3] and groups.parent.tolist() == [0, 0]
+    assert groups.positions.tolist() == [[3, 4], [3, 4]] and groups.parent.tolist() == [0, 0]
     assert rows.parent.tolist() == [0, 0, 1, 1]
-    assert rows.start.tolist() == [5, 5, 4, 4] == plan.suffix_start.tolist()
+    assert plan.suffix_start.tolist() == [5, 5, 4, 4]
+    assert rows.positions[:, 0].tolist() == [5, 5, 4, 4]
     assert rows.ids.tolist() == [[9, 10, 11, 0, 0], [9, 12, 0, 0, 0], [9, 13, 14, 15, 16],
                                  [9, 17, 0, 0, 0]]  # fmt: skip
     # 3 + 2 * 2 + 4 * 5 positions instead of 4 * 9
@@ -51,8 +57,8 @@ def test_plan_has_a_common_level_a_group_level_and_row_suffixes() -> None:
 def test_distinct_groups_skip_the_group_level() -> None:
     ids, mask = _right_padded([[1, 2, 3, 4, 5, 6, 7, 9, 10, 11], [1, 2, 3, 4, 5, 6, 8, 9, 12]])
     plan = plan_shared_prefix(ids, mask, torch.tensor([7, 7]))
-    assert plan is not None and len(plan.levels) == 2
-    assert plan.levels[1].ids.tolist() == [[7, 9, 10, 11], [8, 9, 12, 0]]
+    assert plan is not None and len(plan.levels) == 1
+    assert plan.tails[0].ids.tolist() == [[7, 9, 10, 11], [8, 9, 12, 0]]
     assert plan.suffix_start.tolist() == [6, 6]
 
 
@@ -75,18 +81,30 @@ def _lm(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).float().eval()
 
 
+def test_split_by_length_pays_for_padding_against_calls() -> None:
+    # one part: 4 * 100 + 64 = 464; [2, 2, 2] | [100]: 3 * 2 + 64 + 100 + 64 = 234
+    assert split_by_length([2, 100, 2, 2], 3) == [[0, 2, 3], [1]]
+    assert split_by_length([2, 100, 2, 2], 1) == [[0, 1, 2, 3]]
+    assert split_by_length([5, 6, 7], 3) == [[0, 1, 2]]  # a second call costs more than padding
+
+
+LONG_ROWS = [*ROWS[:3], ROWS[3] + list(range(18, 32)) * 3 + [9]]  # a long last response
+
+
 def test_plan_hidden_states_equal_a_plain_forward() -> None:
     lm = _lm()
-    ids, mask = _right_padded(ROWS)
+    ids, mask = _right_padded(LONG_ROWS)
     plan = plan_shared_prefix(ids, mask, SHAREABLE)
-    assert plan is not None
+    assert plan is not None and len(plan.tails) == 2  # the long row runs alone
     with torch.no_grad():
         plain = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        shared = run_prefix_plan(lm.model, plan)
-    for i, row in enumerate(ROWS):
-        start = int(plan.suffix_start[i])
+        flat = torch.cat(
+            [o.last_hidden_state.flatten(0, 1) for o, _ in run_prefix_plan(lm.model, plan)]
+        )
+    for i, row in enumerate(LONG_ROWS):
+        start, base = int(plan.suffix_start[i]), int(plan.row_base[i])
         torch.testing.assert_close(
-            shared[i, : len(row) - start], plain[i, start : len(row)], atol=1e-5, rtol=0
+            flat[base : base + len(row) - start], plain[i, start : len(row)], atol=1e-5, rtol=0
         )
 
 
@@ -100,7 +118,7 @@ def _policy(share: bool) -> Policy:
 def _episode_batch() -> TokenBatch:
     """Multi-turn rows: a scored response, an unscored observation, another scored response."""
     samples = []
-    for i, row in enumerate(ROWS):
+    for i, row in enumerate(LONG_ROWS):
         scored = torch.zeros(len(row), dtype=torch.bool)
         scored[int(SHAREABLE[i]) + 1 :] = True
         if len(row) > 8:
@@ -149,7 +167,7 @@ def test_activation_checkpointing_turns_sharing_off_in_training_passes(monkeypat
     plain = _policy(False)
     want, _ = plain.forward_logprobs(batch, temperature=1.0, with_entropy=False)
     policy = _policy(True)
-    policy.model.gradient_checkpointing_enable()
+    policy.model.activation_checkpointing_enable()
     policy.model.train()
     planned = []
     real_plan = policy_module.plan_shared_prefix
@@ -163,3 +181,14 @@ def test_activation_checkpointing_turns_sharing_off_in_training_passes(monkeypat
         got, _ = policy.forward_logprobs(batch, temperature=1.0, with_entropy=False)
     assert planned
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_group_runs_maximise_the_saved_positions() -> None:
+    # sorted: [2,3] | [5,6,1] [5,6,7,8] [5,6,7,9]; adjacent common prefixes 0, 2, 3.
+    # One run of the three [5,6,..] rows sharing 2 tokens saves 2 * 2 = 4 positions, more than
+    # the pair sharing 3 (saves 3); the lone row shares its whole rest.
+    assert group_runs([[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 1], [2, 3]]) == ([0, 0, 0, 1], [2, 2])
+    # [5,1] | [5,6,7,8] [5,6,7,9]: all three share 1 token (saves 2) < the pair shares 3 (saves 3)
+    assert group_runs([[5, 6, 7, 8], [5, 6, 7, 9], [5, 1]]) == ([0, 0, 1], [3, 2])
+    assert group_runs([[4], [4], [4]]) == ([0, 0, 0], [1])
+    assert group_runs([[1], [2]]) == ([0, 1], [1, 1])

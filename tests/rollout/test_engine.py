@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from spear.rollout.engine import (
     HFEngine,
     RolloutEngine,
+    draw_tokens,
     filter_logits,
     left_pad,
     sampling_logprobs,
-    unique_prompts,
 )
 from tests.rollout.conftest import sampling
 
@@ -259,21 +259,58 @@ def test_engine_on_cuda_is_seeded_and_matches_a_forward_pass(tokenizer) -> None:
         assert torch.allclose(torch.tensor(g.logprobs), ref.cpu(), atol=1e-4)
 
 
-def test_unique_prompts_maps_every_row_to_its_distinct_prompt() -> None:
-    assert unique_prompts([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])
-    assert unique_prompts([[1], [2]]) == ([[1], [2]], None)
+def _with_system(tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    system = tokenizer("<|im_start|>system\nYou add.<|im_end|>\n")["input_ids"]
+    return [system + p for p in prompts]
 
 
-def test_shared_prefill_samples_what_separate_prefills_sample(model, tokenizer) -> None:
-    # The G rollouts of a task start from the same prompt: one prefill, cache copied per row.
-    base = _prompts(tokenizer)
-    prompts = [p for p in base for _ in range(3)]
+def _sample_both_ways(model, tokenizer, prompts, monkeypatch) -> dict:
+    import spear.rollout.engine as engine_module
+
+    plans = []
+    real = engine_module.plan_prefix_tree
+    monkeypatch.setattr(
+        engine_module, "plan_prefix_tree", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1]
+    )
     params = sampling(8, temperature=1.0)
     out = {}
     for share in (True, False):
         engine = HFEngine(model, tokenizer, share_prefill=share)
         out[share] = engine.generate(prompts, params, generator=torch.Generator().manual_seed(5))
+    assert plans and all(p is not None for p in plans)  # the shared path really ran
     assert [g.token_ids for g in out[True]] == [g.token_ids for g in out[False]]
     for a, b in zip(out[True], out[False]):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
         assert a.finish_reason == b.finish_reason
+    return {"plans": plans}
+
+
+def test_shared_prefill_samples_what_separate_prefills_sample(model, tokenizer, monkeypatch):
+    # The G rollouts of a task start from the same prompt: one prefill, cache copied per row.
+    prompts = [p for p in _with_system(tokenizer, _prompts(tokenizer)) for _ in range(3)]
+    plan = _sample_both_ways(model, tokenizer, prompts, monkeypatch)["plans"][0]
+    assert plan.tails[0].ids.shape == (9, 1)  # each row runs only its last prompt token
+
+
+def test_shared_prefill_of_later_turns_samples_what_separate_prefills_sample(
+    model, tokenizer, monkeypatch
+):
+    # Later turns: rows share the system prompt and, per task, the task prompt, then diverge
+    # (each rollout's own earlier turns); prompts of different lengths, so the levels are padded.
+    base = _with_system(tokenizer, _prompts(tokenizer))
+    prompts = [p + [5 + r] * (1 + 2 * r) for p in base for r in range(3)]
+    plan = _sample_both_ways(model, tokenizer, prompts, monkeypatch)["plans"][0]
+    assert len(plan.levels) == 2 and plan.levels[1].ids.shape[0] == 3  # one row per task
+
+
+def test_draw_tokens_samples_the_distribution_and_never_a_filtered_token() -> None:
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    lp = probs.log().expand(40_000, -1)  # filtered tokens have log-prob -inf
+    tok = draw_tokens(lp, False, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=5).double() / tok.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    # binomial std at n = 40000 is <= 0.0025: 4 sigma
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
+    again = draw_tokens(lp, False, torch.Generator().manual_seed(0))
+    assert torch.equal(tok, again)  # seeded
+    assert draw_tokens(lp[:3], True, None).tolist() == [0, 0, 0]
