@@ -283,13 +283,14 @@ def _call(
     return out, mask
 
 
-def run_prefix_plan(decoder: nn.Module, plan: PrefixPlan, **last: Any) -> list[tuple[Any, Tensor]]:
+def run_prefix_plan(
+    decoder: nn.Module, plan: PrefixPlan, *, cache: Any = None, **last: Any
+) -> list[tuple[Any, Tensor]]:
     """Run the plan through ``decoder`` (a transformers decoder or causal LM). Returns, per tail,
     its output (its ``cache`` holds every key and value its rows see) and the attention mask
     ``[R, K]`` over them; ``last`` are extra arguments of every call (e.g.
-    ``logits_to_keep=1``). See :class:`PrefixPlan` for where each input column's hidden state
-    is."""
-    cache: Any = None
+    ``logits_to_keep=1``); ``cache`` is an empty cache for the first level to fill (None: the
+    model's default). See :class:`PrefixPlan` for where each input column's hidden state is."""
     seen: Tensor | None = None  # [R, K] mask of every key position the cache holds
     for level in plan.levels:
         if level.parent is not None and seen is not None:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from spear.models.kv_cache import growing_cache
 from spear.models.prefix import cache_kwarg, cache_of, plan_prefix_tree, run_prefix_plan
 
 log = logging.getLogger(__name__)
@@ -337,7 +338,9 @@ class HFEngine:
             else None
         )
         if plan is not None:
-            ((out, attn),) = run_prefix_plan(self.model, plan, logits_to_keep=1)
+            ((out, attn),) = run_prefix_plan(
+                self.model, plan, cache=growing_cache(), logits_to_keep=1
+            )
             next_pos = torch.tensor([len(p) for p in seqs], dtype=torch.long, device=self.device)
         else:
             ids, attn, positions = (t.to(self.device) for t in left_pad(seqs, self.pad_id))
@@ -347,6 +350,7 @@ class HFEngine:
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_kwarg(self.model): growing_cache()},
             )
             next_pos = positions[:, -1] + 1
         return cache_of(out), attn, next_pos, out.logits[:, -1, :].float()

@@ -192,3 +192,32 @@ def test_group_runs_maximise_the_saved_positions() -> None:
     assert group_runs([[5, 6, 7, 8], [5, 6, 7, 9], [5, 1]]) == ([0, 0, 1], [3, 2])
     assert group_runs([[4], [4], [4]]) == ([0, 0, 0], [1])
     assert group_runs([[1], [2]]) == ([0, 1], [1, 1])
+
+
+def test_growing_cache_appends_in_place_and_matches_dynamic_cache_sampling() -> None:
+    from transformers import DynamicCache
+
+    from spear.models.kv_cache import SPARE, growing_cache
+
+    lm = _lm(2)
+    ids, mask = _right_padded(ROWS)
+    outs = {}
+    with torch.no_grad():
+        for name, cache in (("dynamic", DynamicCache()), ("growing", growing_cache())):
+            out = lm(input_ids=ids, attention_mask=mask, use_cache=True, cache=cache)
+            steps = [out.logits[:, -1]]
+            attn = mask
+            for t in range(3):
+                tok = steps[-1].argmax(-1, keepdim=True)
+                if t == 1:  # drop a finished row, as the engine does
+                    cache.batch_select_indices(torch.tensor([0, 2, 3]))
+                    attn, tok = attn[[0, 2, 3]], tok[[0, 2, 3]]
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+                out = lm(input_ids=tok, attention_mask=attn, use_cache=True, cache=cache)
+                steps.append(out.logits[:, -1])
+            outs[name] = (steps, cache)
+    for a, b in zip(outs["dynamic"][0], outs["growing"][0]):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    layer = outs["growing"][1].layers[0]
+    assert layer.keys.shape[2] == ids.shape[1] + 3 and layer._kbuf.shape[2] == ids.shape[1] + SPARE
+    assert layer.keys.data_ptr() == layer._kbuf.data_ptr()  # a view of the buffer, no copy

@@ -1,0 +1,64 @@
+"""A KV cache for sampling that appends in place instead of copying itself every decode step.
+
+transformers' ``DynamicLayer`` grows by ``torch.cat``: every decode step copies the whole cache of
+every layer (``O(length)`` per token, quadratic over a turn). :class:`GrowingLayer` keeps keys and
+values in buffers with spare room along the sequence axis and writes each step's states into
+them; ``keys`` / ``values`` are views of the filled part, so attention sees exactly the tensors
+a ``DynamicLayer`` would hold. A buffer is reallocated (with :data:`SPARE` more columns) only
+when it is full. Used by :class:`~spear.rollout.engine.HFEngine` (no gradients).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+SPARE = 64  # free sequence columns added whenever a buffer fills up
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose states live in buffers ``[B, H, capacity, D]``."""
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._kbuf: Tensor | None = None
+        self._vbuf: Tensor | None = None
+        self._length = 0
+
+    def _grow(self, key_states: Tensor, value_states: Tensor, needed: int) -> None:
+        b, h, _, d = key_states.shape
+        cap = needed + SPARE
+        kbuf = key_states.new_empty((b, h, cap, d))
+        vbuf = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+        if self._kbuf is not None and self._vbuf is not None and self._length:
+            kbuf[:, :, : self._length] = self._kbuf[:, :, : self._length]
+            vbuf[:, :, : self._length] = self._vbuf[:, :, : self._length]
+        self._kbuf, self._vbuf = kbuf, vbuf
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if self._kbuf is None or end > self._kbuf.shape[2]:
+            self._grow(key_states, value_states, end)
+        assert self._kbuf is not None and self._vbuf is not None
+        self._kbuf[:, :, self._length : end] = key_states
+        self._vbuf[:, :, self._length : end] = value_states
+        self._length = end
+        self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.get_seq_length() > 0 and self._kbuf is not None and self._vbuf is not None:
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self.keys = self._kbuf[:, :, : self._length]
+            self.values = self._vbuf[:, :, : self._length]
+
+
+def growing_cache() -> Cache:
+    """An empty cache of :class:`GrowingLayer` s (one is made per decoder layer on first use)."""
+    return Cache(layer_class_to_replicate=GrowingLayer)
