@@ -4,7 +4,8 @@
 
 "before" is a copy of this working tree's ``spear`` package with the fixed files
 (:data:`FIXED_FILES`) taken from git ``HEAD`` (``git show``, read-only), imported through
-``PYTHONPATH``; "after" is the working tree. Both workers run the same method and seed with the
+``PYTHONPATH`` (or, with ``--base REV``, the whole package at revision ``REV``: ``git
+archive``); "after" is the working tree. Both workers run the same method and seed with the
 default run's budget and step alternately (order alternating per step). Reported: per-step ratio
 after / before of process CPU time (``speed_common.CpuProbes``; wall time too) and of each
 stage's CPU time (median, min, max), and the ratio of the totals.
@@ -44,9 +45,15 @@ FIXED_FILES = [
 STAGES = ["rollout", "old_logprobs", "update", "sil_update"]
 
 
-def before_tree(dest: Path, fixed: list[str] | None = None) -> Path:
-    """``dest/spear``: the working tree's package with ``fixed`` (default :data:`FIXED_FILES`)
-    taken from ``HEAD``."""
+def before_tree(dest: Path, fixed: list[str] | None = None, base: str | None = None) -> Path:
+    """``dest/spear``: the package at git revision ``base`` if given, else the working tree's
+    package with ``fixed`` (default :data:`FIXED_FILES`) taken from ``HEAD``."""
+    if base is not None:
+        archive = subprocess.run(
+            ["git", "archive", base, "spear"], cwd=REPO, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return dest
     shutil.copytree(REPO / "spear", dest / "spear", ignore=shutil.ignore_patterns("__pycache__"))
     for f in fixed or FIXED_FILES:
         text = subprocess.run(
@@ -80,11 +87,12 @@ def main() -> None:
     p.add_argument(
         "--fixed", nargs="+", default=FIXED_FILES, help="files taken from HEAD for 'before'"
     )
+    p.add_argument("--base", default=None, help="'before' = the whole package at this revision")
     args = p.parse_args()
     out = args.out or RESULTS / f"before_after_{args.method}.json"
     load_before = machine()["loadavg"]
     with tempfile.TemporaryDirectory() as tmp:
-        tree = before_tree(Path(tmp), args.fixed)
+        tree = before_tree(Path(tmp), args.fixed, args.base)
         cmd = spear_worker_cmd(args.method, [], args.cache_dir, args.threads)
         workers = {"before": Worker(cmd, env={"PYTHONPATH": str(tree)}), "after": Worker(cmd)}
         rows: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
@@ -120,7 +128,8 @@ def main() -> None:
         },
         "peak_rss_mb": {n: max(r["peak_rss_mb"] for r in rs) for n, rs in rows.items()},
     }
-    result = {"command": " ".join(["python", *sys.argv]), "fixed_files": args.fixed,
+    result = {"command": " ".join(["python", *sys.argv]), "base": args.base,
+              "fixed_files": args.fixed if args.base is None else None,
               "machine": {**machine(), "loadavg_before": load_before}, "summary": summary, "rows": rows}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -124,8 +124,9 @@ class RolloutConfig(_Section):
     env_step_timeout_s: float = Field(10.0, gt=0)
     tool_timeout_s: float = Field(5.0, gt=0)
     max_observation_chars: int = Field(512, ge=16)
-    # True: old log-probs are a fresh forward pass of the policy before the update (verl's way);
-    # False: the sampler's own log-probs (saves that pass; needs untruncated sampling)
+    # True: old log-probs are the policy's own before the update (verl's way): taken from the
+    # update's forward pass when the update is one optimizer step (ppo_epochs=1, one mini-batch),
+    # else a separate forward pass. False: the sampler's log-probs (needs untruncated sampling)
     recompute_old_logprobs: bool = True
 
     @model_validator(mode="after")

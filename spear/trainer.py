@@ -171,7 +171,8 @@ class Trainer:
     def _fuses_old_logprobs(self, samples: Sequence[Sample], settings: UpdateSettings) -> bool:
         """Whether the update of ``samples`` can take the current policy's old log-probs from its
         own forward pass instead of a separate pass: it is one optimizer step, so that pass sees
-        the same policy on the same tokens (:mod:`spear.update`)."""
+        the same policy on the same tokens (:mod:`spear.update`). Filtered samples, which no
+        update or replay reads, then keep the sampler's log-probs."""
         return self.backend.fuses_old_logprobs and single_step(settings, len(_trainable(samples)))
 
     def _update(

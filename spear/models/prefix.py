@@ -1,15 +1,16 @@
-"""Run a decoder once per shared prefix instead of once per row (training and scoring passes).
+"""Run a decoder once per shared prefix instead of once per row (training, scoring, prefill).
 
 The rows of a training batch repeat most of their tokens: every row starts with the same system
 prompt, and the G rollouts of a task share the whole task prompt. Token ``t``'s hidden state
 depends only on tokens ``<= t`` (causal attention), so a prefix common to several rows can be
 run once and its KV cache handed to each of them. A :class:`PrefixPlan` arranges the rows as a
-three-level tree:
+tree of at most three levels:
 
 1. the prefix common to *all* rows (batch of one);
-2. each distinct rest-of-prompt (the part of the prompt a group shares), on top of level 1;
-3. each row's own suffix (its last prompt token and everything after), on top of its level-2
-   parent.
+2. each group's shared rest of prompt (groups of rows found by :func:`group_runs`), on top of
+   level 1 (skipped when no group has two rows);
+3. the tails: each row's own tokens (its last prompt token and everything after), on top of
+   its level-2 parent, in up to a few calls of rows of similar length (:func:`split_by_length`).
 
 Each level is one decoder call with the previous level's KV cache (expanded to its rows by
 index, so gradients flow back to the shared prefix and add up) and a 2-D attention mask that
@@ -17,9 +18,9 @@ covers cache + new tokens; padding inside a level is a hole in that mask, and po
 given explicitly, so every real token sees exactly the keys and positions it sees in a plain
 forward pass. The values equal the plain pass up to float rounding (different matrix shapes).
 
-Only the last level's hidden states come back: a plan is built from ``shareable`` lengths, the
-number of leading tokens of each row whose outputs nobody reads (for log-probs: everything
-before the last token preceding the first scored position).
+Only the tails' outputs come back: a plan is built from ``shareable`` lengths, the number of
+leading tokens of each row whose outputs nobody reads (for log-probs: everything before the
+last token preceding the first scored position; for sampling: all but the last prompt token).
 """
 
 from __future__ import annotations
