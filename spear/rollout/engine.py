@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
+# finished rows stay in the batch (their samples ignored) until at most this fraction of it is
+# still running: dropping them copies the whole KV cache, keeping them costs their share of a step
+COMPACT_AT = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -192,7 +196,7 @@ class _Rows:
     logprobs: list[list[float]]
     reasons: list[FinishReason | None]
     limits: list[int]
-    active: list[int]  # original row index of each row of the running batch
+    active: list[int]  # original row index of each row of the batch being run
 
 
 class HFEngine:
@@ -298,18 +302,22 @@ class HFEngine:
             [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, limits, list(range(n))
         )
         stop_ids = self._stop_ids(params)
+        alive = list(range(n))  # batch positions still sampling (finished rows wait to be dropped)
         while True:
             lp = sampling_logprobs(logits, params.temperature, params.top_k, params.top_p)  # [A, V]
             tok = draw_tokens(lp, params.temperature == 0, generator)  # [A]
             tok_lp = lp.gather(1, tok[:, None]).squeeze(1)  # [A]
-            keep = self._record(rows, tok.tolist(), tok_lp.tolist(), stop_ids, params.stop_strings)
-            if not keep:
+            alive = self._record(
+                rows, alive, tok.tolist(), tok_lp.tolist(), stop_ids, params.stop_strings
+            )
+            if not alive:
                 break
-            if len(keep) < len(rows.active):
-                index = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+            if len(alive) <= COMPACT_AT * len(rows.active):  # drop the finished rows
+                index = torch.as_tensor(alive, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(index)
                 attn, next_pos, tok = attn[index], next_pos[index], tok[index]
-                rows.active = [rows.active[j] for j in keep]
+                rows.active = [rows.active[j] for j in alive]
+                alive = list(range(len(alive)))
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)  # [A, L+t]
             out = self.model(
                 input_ids=tok[:, None],
@@ -358,14 +366,17 @@ class HFEngine:
     def _record(
         self,
         rows: _Rows,
+        alive: list[int],
         tokens: list[int],
         logprobs: list[float],
         stop_ids: set[int],
         stop_strings: tuple[str, ...] | None,
     ) -> list[int]:
-        """Append this step's token to every running row; return the positions still running."""
+        """Append this step's token to every running row (batch positions ``alive``); return
+        the positions still running."""
         keep = []
-        for j, (row, t, lp) in enumerate(zip(rows.active, tokens, logprobs)):
+        for j in alive:
+            row, t, lp = rows.active[j], tokens[j], logprobs[j]
             rows.tokens[row].append(t)
             rows.logprobs[row].append(lp)
             if t in stop_ids or (

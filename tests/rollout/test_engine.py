@@ -314,3 +314,24 @@ def test_draw_tokens_samples_the_distribution_and_never_a_filtered_token() -> No
     again = draw_tokens(lp, False, torch.Generator().manual_seed(0))
     assert torch.equal(tok, again)  # seeded
     assert draw_tokens(lp[:3], True, None).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("compact_at", [1.0, 0.5, 0.0])
+def test_finished_rows_waiting_in_the_batch_record_nothing(
+    model, tokenizer, monkeypatch, compact_at
+) -> None:
+    # Rows finish at different steps; finished rows stay in the batch until few enough run
+    # (COMPACT_AT; 1.0 drops them at once, 0.0 never). Every row must still get exactly its own
+    # tokens, each scored by a plain forward pass of that row alone.
+    import spear.rollout.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "COMPACT_AT", compact_at)
+    prompts = [p for p in _prompts(tokenizer) for _ in range(2)]
+    budgets = [9, 2, 5, 1, 7, 3]
+    out = HFEngine(model, tokenizer).generate(
+        prompts, sampling(9), generator=torch.Generator().manual_seed(8), max_new_tokens=budgets
+    )
+    assert [len(g.token_ids) for g in out] == budgets
+    for prompt, g in zip(prompts, out):
+        ref = _forward_logprobs(model, prompt, g.token_ids, temperature=1.0)
+        assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5)
