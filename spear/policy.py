@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from spear.algo.logprobs import logprobs_from_hidden
 from spear.config import Config, OptimConfig
-from spear.models.prefix import plan_shared_prefix, run_prefix_plan
+from spear.models.prefix import plan_shared_prefix, run_prefix_plan, supports_prefix_sharing
 from spear.types import TokenBatch
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,10 @@ class Policy:
         return base.get_decoder(), base.get_output_embeddings()
 
     def _shares_prefix(self, decoder: nn.Module) -> bool:
-        """Prefix sharing is on and possible: activation checkpointing drops the KV cache in a
-        training forward pass (transformers' checkpointed layers), so it is off then."""
-        if not self.share_prefix:
+        """Prefix sharing is on and possible: the model's layers are all full attention
+        (:func:`~spear.models.prefix.supports_prefix_sharing`), and no activation checkpointing
+        is active (it drops the KV cache in a training forward pass)."""
+        if not (self.share_prefix and supports_prefix_sharing(getattr(decoder, "config", None))):
             return False
         checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
         return not (checkpointed and decoder.training and torch.is_grad_enabled())

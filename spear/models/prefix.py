@@ -53,6 +53,21 @@ def cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+def supports_prefix_sharing(config: Any) -> bool:
+    """Whether a model with this (transformers) config can run a prefix plan: every layer must be
+    full causal attention, which the plan's index-space masks with holes reproduce exactly.
+    Sliding-window layers measure their window in cache columns (the holes would shift it) and
+    linear-attention / recurrent layers keep no per-token keys to hand on."""
+    if config is None:
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return False
+    window = getattr(text, "sliding_window", None)
+    return window is None or getattr(text, "use_sliding_window", True) is False
+
+
 @dataclass(frozen=True, slots=True)
 class PrefixLevel:
     """One decoder call of a plan. ``R`` rows of width ``W``."""

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from spear.models.kv_cache import growing_cache
-from spear.models.prefix import cache_kwarg, cache_of, plan_prefix_tree, run_prefix_plan
+from spear.models.prefix import (
+    cache_kwarg,
+    cache_of,
+    plan_prefix_tree,
+    run_prefix_plan,
+    supports_prefix_sharing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +145,16 @@ def sampling_logprobs(
 def draw_tokens(logprobs: Tensor, greedy: bool, generator: torch.Generator | None) -> Tensor:
     """One token per row of ``logprobs`` ``[N, V]``: argmax if greedy else a sample. ``[N]``.
 
-    Sampling inverts each row's cumulative distribution (float64) at one uniform draw per row:
-    token ``i`` is drawn when ``cdf[i - 1] <= u < cdf[i]``, so zero-probability tokens are never
-    drawn. It draws from the same distribution as ``torch.multinomial``, about 10x faster on CPU.
+    Sampling inverts each row's cumulative distribution at one uniform draw per row: token ``i``
+    is drawn when ``cdf[i - 1] <= u < cdf[i]``, so a zero-probability (filtered) token is never
+    drawn. The same distribution as ``torch.multinomial``, up to the float32 rounding of the
+    running sum (about 6e-8 of probability per token, the precision of float32 probabilities
+    themselves), and faster on CPU: 10x at a 1.5k vocabulary, 3.5x at 152k.
     """
     if greedy:
         return torch.argmax(logprobs, dim=-1)
-    cdf = logprobs.double().exp().cumsum(dim=-1)  # [N, V]
-    u = torch.rand(
-        (logprobs.shape[0], 1), generator=generator, dtype=torch.float64, device=logprobs.device
-    )
+    cdf = logprobs.float().exp().cumsum(dim=-1)  # [N, V]
+    u = torch.rand((logprobs.shape[0], 1), generator=generator, device=logprobs.device)
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)  # [N]
     return tok.clamp(max=logprobs.shape[-1] - 1)
 
@@ -342,7 +348,7 @@ class HFEngine:
         seqs = [list(p) for p in prompts]
         plan = (
             plan_prefix_tree(seqs, [len(p) - 1 for p in seqs], self.device, left_pad_last=True)
-            if self.share_prefill
+            if self.share_prefill and supports_prefix_sharing(getattr(self.model, "config", None))
             else None
         )
         if plan is not None:

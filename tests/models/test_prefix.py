@@ -3,6 +3,7 @@ forward pass (hidden states, log-probs, entropies, gradients) on a tiny Llama.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -11,6 +12,7 @@ from spear.models.prefix import (
     plan_shared_prefix,
     run_prefix_plan,
     split_by_length,
+    supports_prefix_sharing,
 )
 from spear.policy import Policy, unscored_prefix
 from spear.types import Sample, TokenBatch
@@ -221,3 +223,36 @@ def test_growing_cache_appends_in_place_and_matches_dynamic_cache_sampling() -> 
     layer = outs["growing"][1].layers[0]
     assert layer.keys.shape[2] == ids.shape[1] + 3 and layer._kbuf.shape[2] == ids.shape[1] + SPARE
     assert layer.keys.data_ptr() == layer._kbuf.data_ptr()  # a view of the buffer, no copy
+
+
+def test_prefix_sharing_needs_full_attention_in_every_layer() -> None:
+    from transformers import MistralConfig, Qwen2Config
+
+    assert supports_prefix_sharing(_lm().config)
+    assert not supports_prefix_sharing(MistralConfig(sliding_window=8))
+    assert supports_prefix_sharing(MistralConfig(sliding_window=None))
+    assert supports_prefix_sharing(Qwen2Config(use_sliding_window=False, sliding_window=16))
+    assert not supports_prefix_sharing(Qwen2Config(use_sliding_window=True, sliding_window=16))
+    assert not supports_prefix_sharing(None)
+
+
+def test_a_sliding_window_model_scores_with_the_plain_pass(monkeypatch) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import spear.policy as policy_module
+
+    cfg = MistralConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = MistralForCausalLM(cfg).float()
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    policy = Policy(
+        lm, None, torch.device("cpu"), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+    monkeypatch.setattr(
+        policy_module, "plan_shared_prefix", lambda *a, **k: pytest.fail("planned a prefix tree")
+    )
+    lp, _ = policy.forward_logprobs(_episode_batch(), temperature=1.0, with_entropy=False)
+    assert lp.abs().sum() > 0

@@ -329,7 +329,10 @@ def test_finished_rows_waiting_in_the_batch_record_nothing(
     prompts = [p for p in _prompts(tokenizer) for _ in range(2)]
     budgets = [9, 2, 5, 1, 7, 3]
     out = HFEngine(model, tokenizer).generate(
-        prompts, sampling(9), generator=torch.Generator().manual_seed(8), max_new_tokens=budgets
+        prompts,
+        sampling(9, stop_token_ids=(-1,)),  # no stop token: each row runs its whole budget
+        generator=torch.Generator().manual_seed(8),
+        max_new_tokens=budgets,
     )
     assert [len(g.token_ids) for g in out] == budgets
     for prompt, g in zip(prompts, out):
