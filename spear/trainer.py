@@ -4,6 +4,7 @@ One step (DESIGN.md "Data flow"):
 
     rollout -> rewards (outcome + tool bonus x phi(t)) -> response filters -> group filter
     -> old log-probs -> advantages -> on-policy update
+       (old log-probs come from the update's own forward pass when it is one optimizer step)
     -> replay: maybe consume -> recalibrate -> SIL update x lambda(t)
     -> replay: add this step's positive-advantage samples -> metrics -> checkpoint
 
