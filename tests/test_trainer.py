@@ -232,3 +232,33 @@ def test_several_optimizer_steps_recompute_old_logprobs_first(cache_dir, tmp_pat
     m = t.train_step()
     assert calls and "time/old_logprobs" in m and m["actor/optimizer_steps"] == 2
     t.close()
+
+
+def test_replay_recompute_takes_old_logprobs_from_the_replay_forward_pass(
+    cache_dir, tmp_path, monkeypatch
+):
+    """replay.recompute_old_logprobs=true with a one-step replay update: the replayed samples'
+    old log-probs come from that update's own forward pass (no separate pass), so the replay
+    importance ratio is exactly 1 and nothing is clipped."""
+    import spear.trainer as trainer_module
+
+    def refuse(*_, **__):
+        raise AssertionError("a separate old-log-prob pass ran")
+
+    real = trainer_module.assign_rewards
+
+    def graded(episodes, step, *args, **kwargs):  # the tiny model never answers right: grade
+        for e in episodes:  # every other episode correct, so positive advantages reach the buffer
+            e.outcome_reward = float(e.episode_id % 2)
+        return real(episodes, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "assign_rewards", graded)
+    monkeypatch.setattr(trainer_module, "fill_old_logprobs", refuse)
+    (tmp_path / "run").mkdir()
+    cfg = _cfg(cache_dir, tmp_path / "run", "replay.recompute_old_logprobs=true")
+    t = Trainer(cfg, tmp_path / "run")
+    replayed = [m for m in (t.train_step() for _ in range(4)) if m.get("replay/optimizer_steps")]
+    assert replayed, "the replay buffer never triggered"
+    for m in replayed:
+        assert m["replay/approx_kl"] == 0.0 and m["replay/clipfrac"] == 0.0
+    t.close()

@@ -196,8 +196,17 @@ def shard_policy(
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     optimizer, scheduler = make_optimizer([p for p in root.parameters() if p.requires_grad])
-    root._view = Policy(lm, policy.tokenizer, policy.device, optimizer, scheduler)
-    return ShardedPolicy(root, policy.tokenizer, policy.device, optimizer, scheduler)
+    root._view = Policy(
+        lm, policy.tokenizer, policy.device, optimizer, scheduler, share_prefix=policy.share_prefix
+    )
+    return ShardedPolicy(
+        root,
+        policy.tokenizer,
+        policy.device,
+        optimizer,
+        scheduler,
+        share_prefix=policy.share_prefix,
+    )
 
 
 def gather_full_state_dict(policy: ShardedPolicy) -> dict[str, Tensor]:

@@ -101,7 +101,9 @@ class TrainRank:
         opt, sched = build_optimizer(
             [p for p in self.model.parameters() if p.requires_grad], s.optim, s.total_steps
         )
-        plain = Policy(self.model, self.tokenizer, self.device, opt, sched)
+        plain = Policy(
+            self.model, self.tokenizer, self.device, opt, sched, share_prefix=s.optim.share_prefix
+        )
         self.policy = shard_policy(
             plain, mesh, lambda p: build_optimizer(p, s.optim, s.total_steps)
         )
