@@ -153,11 +153,11 @@ class Policy:
     def _shares_prefix(self, decoder: nn.Module) -> bool:
         """Prefix sharing is on and possible: the model's layers are all full attention
         (:func:`~spear.models.prefix.supports_prefix_sharing`), and no activation checkpointing
-        is active (it drops the KV cache in a training forward pass)."""
+        is active in training mode (checkpointed transformers layers drop the KV cache then)."""
         if not (self.share_prefix and supports_prefix_sharing(getattr(decoder, "config", None))):
             return False
         checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
-        return not (checkpointed and decoder.training and torch.is_grad_enabled())
+        return not (checkpointed and decoder.training)  # some releases drop it even without grad
 
     def forward_logprobs(
         self, batch: TokenBatch, *, temperature: float, with_entropy: bool

@@ -25,6 +25,7 @@ last token preceding the first scored position; for sampling: all but the last p
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -260,7 +261,10 @@ def plan_shared_prefix(
     input_ids: Tensor, attention_mask: Tensor, shareable: Tensor, *, tail_parts: int = 3
 ) -> PrefixPlan | None:
     """:func:`plan_prefix_tree` of a right-padded batch ``input_ids [N, T]`` whose first
-    ``shareable [N]`` tokens per row need no output; right-padded tails, split by length."""
+    ``shareable [N]`` tokens per row need no output; right-padded tails, split by length (one
+    tail with transformers releases whose caches have no ``layers``, see :func:`cache_rows`)."""
+    if not _caches_have_layers():
+        tail_parts = 1
     lengths = attention_mask.sum(dim=1).tolist()
     ids = input_ids.tolist()
     seqs = [row[:k] for row, k in zip(ids, lengths)]
@@ -271,6 +275,13 @@ def plan_shared_prefix(
         tail_parts=tail_parts,
         plain_positions=input_ids.numel(),
     )
+
+
+@functools.cache
+def _caches_have_layers() -> bool:
+    from transformers import DynamicCache
+
+    return hasattr(DynamicCache(), "layers")
 
 
 def cache_rows(cache: Any, index: Tensor) -> Any:

@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spear.models.prefix import (
+    cache_kwarg,
     group_runs,
     plan_shared_prefix,
     run_prefix_plan,
@@ -161,15 +162,16 @@ def test_shared_prefix_logprobs_entropy_and_gradients_equal_the_plain_pass() -> 
 
 
 def test_activation_checkpointing_turns_sharing_off_in_training_passes(monkeypatch) -> None:
-    """Checkpointed transformers layers drop the KV cache when gradients are on: the training
-    pass must then run plainly (and still give the plain values); no-grad passes still share."""
+    """Checkpointed transformers layers drop the KV cache in training mode: the training pass
+    must then run plainly (and still give the plain values); eval-mode scoring still shares."""
     import spear.policy as policy_module
 
     batch = _episode_batch()
     plain = _policy(False)
     want, _ = plain.forward_logprobs(batch, temperature=1.0, with_entropy=False)
     policy = _policy(True)
-    policy.model.activation_checkpointing_enable()
+    enable = getattr(policy.model, "activation_checkpointing_enable", None)
+    (enable or policy.model.gradient_checkpointing_enable)()  # renamed in transformers 5.2x
     policy.model.train()
     planned = []
     real_plan = policy_module.plan_shared_prefix
@@ -179,6 +181,7 @@ def test_activation_checkpointing_turns_sharing_off_in_training_passes(monkeypat
     got, _ = policy.forward_logprobs(batch, temperature=1.0, with_entropy=False)
     assert not planned
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    policy.model.eval()  # scoring passes (old log-probs) run in eval mode
     with torch.no_grad():
         got, _ = policy.forward_logprobs(batch, temperature=1.0, with_entropy=False)
     assert planned
@@ -206,7 +209,8 @@ def test_growing_cache_appends_in_place_and_matches_dynamic_cache_sampling() -> 
     outs = {}
     with torch.no_grad():
         for name, cache in (("dynamic", DynamicCache()), ("growing", growing_cache())):
-            out = lm(input_ids=ids, attention_mask=mask, use_cache=True, cache=cache)
+            kw = {cache_kwarg(lm): cache}
+            out = lm(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
             steps = [out.logits[:, -1]]
             attn = mask
             for t in range(3):
@@ -215,7 +219,7 @@ def test_growing_cache_appends_in_place_and_matches_dynamic_cache_sampling() -> 
                     cache.batch_select_indices(torch.tensor([0, 2, 3]))
                     attn, tok = attn[[0, 2, 3]], tok[[0, 2, 3]]
                 attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-                out = lm(input_ids=tok, attention_mask=attn, use_cache=True, cache=cache)
+                out = lm(input_ids=tok, attention_mask=attn, use_cache=True, **kw)
                 steps.append(out.logits[:, -1])
             outs[name] = (steps, cache)
     for a, b in zip(outs["dynamic"][0], outs["growing"][0]):
