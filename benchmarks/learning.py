@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import statistics
 import tempfile
@@ -390,25 +389,13 @@ def run_one(method: str, seed: int, cfg: Config, run_dir: Path) -> dict[str, Any
 
 
 def machine() -> dict[str, str]:
-    import os
+    """The machine line of a learning run: :func:`speed_common.machine`'s fields as strings."""
+    from speed_common import machine as speed_machine
 
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    m = speed_machine()
     return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "nproc": str(m["cores"]),
+        **{k: str(m[k]) for k in ("cpu", "python", "torch", "transformers")},
     }
 
 

@@ -16,7 +16,6 @@ The two runs sample the same first rollout; the fixes change floats at rounding 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from speed_common import (
     machine,
     ratio_summary,
     spear_worker_cmd,
+    write_result,
 )
 
 FIXED_FILES = [
@@ -128,12 +128,8 @@ def main() -> None:
         },
         "peak_rss_mb": {n: max(r["peak_rss_mb"] for r in rs) for n, rs in rows.items()},
     }
-    result = {"command": " ".join(["python", *sys.argv]), "base": args.base,
-              "fixed_files": args.fixed if args.base is None else None,
-              "machine": {**machine(), "loadavg_before": load_before}, "summary": summary, "rows": rows}  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary, indent=1))
+    fixed = args.fixed if args.base is None else None
+    write_result(out, summary, rows, load_before, extra={"base": args.base, "fixed_files": fixed})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,32 @@ def machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "torch_threads_driver": torch.get_num_threads(),  # workers set their own (--threads)
     }
+
+
+def write_result(
+    out: Path,
+    summary: Any,
+    rows: Any,
+    load_before: list[float],
+    *,
+    extra: dict[str, Any] | None = None,
+    plot: Callable[[Path], None] | None = None,
+) -> None:
+    """Write a benchmark's result file (command, machine with the load average at the start,
+    ``extra`` fields, summary, raw rows), draw its plot next to it (``.png``) and print the
+    summary."""
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        **(extra or {}),
+        "machine": {**machine(), "loadavg_before": load_before},
+        "summary": summary,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if plot is not None:
+        plot(out.with_suffix(".png"))
+    print(json.dumps(summary, indent=1))
 
 
 def ratio_summary(ratios: Sequence[float]) -> dict[str, float]:

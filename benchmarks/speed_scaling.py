@@ -19,14 +19,13 @@ step of the same round.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import DEFAULT_CACHE, RESULTS, Worker, machine, spear_worker_cmd
+from speed_common import DEFAULT_CACHE, RESULTS, Worker, machine, spear_worker_cmd, write_result
 
 STAGES = ["generation", "env_and_rest", "old_logprobs", "update", "sil_update", "other"]
 BASE = "base (g8, 4 turns, 48 tok)"
@@ -151,12 +150,7 @@ def main() -> None:
     load_before = machine()["loadavg"]
     rows = run(args)
     summary = summarise(rows)
-    result = {"command": " ".join(["python", *sys.argv]), "machine": {**machine(), "loadavg_before": load_before},
-              "summary": summary, "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    plot(summary, args.out.with_suffix(".png"))
-    print(json.dumps(summary, indent=1))
+    write_result(args.out, summary, rows, load_before, plot=lambda png: plot(summary, png))
 
 
 if __name__ == "__main__":

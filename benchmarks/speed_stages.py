@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import DEFAULT_CACHE, RESULTS, Worker, machine, ratio_summary, spear_worker_cmd
+from speed_common import (
+    DEFAULT_CACHE,
+    RESULTS,
+    Worker,
+    machine,
+    ratio_summary,
+    spear_worker_cmd,
+    write_result,
+)
 
 STAGES = ["generation", "env_and_rest", "old_logprobs", "update", "sil_update", "other"]
 CLOCKS = ("cpu", "wall")
@@ -212,16 +220,8 @@ def main() -> None:
         return
     load_before = machine()["loadavg"]
     rows = run(["drbot", "spear"], args.steps, args.threads, args.cache_dir, args.set)
-    result = {
-        "command": " ".join(["python", *sys.argv]),
-        "machine": {**machine(), "loadavg_before": load_before},
-        "summary": summarise(rows, "drbot", "spear"),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    plot(rows, args.out.with_suffix(".png"))
-    print(json.dumps(result["summary"], indent=1))
+    summary = summarise(rows, "drbot", "spear")
+    write_result(args.out, summary, rows, load_before, plot=lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ per token.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from speed_common import (
     machine,
     ratio_summary,
     spear_worker_cmd,
+    write_result,
 )
 
 EQUAL = [
@@ -195,12 +195,7 @@ def main() -> None:
     args = p.parse_args()
     load_before = machine()["loadavg"]
     rows = run(args)
-    result = {"command": " ".join(["python", *sys.argv]), "machine": {**machine(), "loadavg_before": load_before},
-              "summary": summarise(rows), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    plot(rows, args.out.with_suffix(".png"))
-    print(json.dumps(result["summary"], indent=1))
+    write_result(args.out, summarise(rows), rows, load_before, plot=lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

@@ -207,6 +207,20 @@ def _ray() -> Any:
     return ray
 
 
+def await_actors(
+    actors: Sequence[Any], timeout_s: float, failure: Callable[[Exception], str]
+) -> None:
+    """Wait until every actor answers ``ping``; otherwise kill them all and raise
+    :class:`EnvPoolError` with ``failure(exc)`` as its message."""
+    ray = _ray()
+    try:
+        ray.get([a.ping.remote() for a in actors], timeout=timeout_s)
+    except Exception as exc:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        raise EnvPoolError(failure(exc)) from None
+
+
 def init_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to a cluster (``address``, e.g. ``"auto"``) or start a local one of ``num_cpus``.
 
@@ -252,17 +266,15 @@ class RayEnvPool:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def _await_ready(self, actors: Sequence[Any]) -> None:
-        ray = _ray()
-        try:
-            ray.get([a.ping.remote() for a in actors], timeout=self.params.start_timeout_s)
-        except Exception as exc:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            raise EnvPoolError(
+        await_actors(
+            actors,
+            self.params.start_timeout_s,
+            lambda exc: (
                 f"{len(actors)} env worker(s) did not start within start_timeout_s="
                 f"{self.params.start_timeout_s:g}s ({type(exc).__name__}); with too few free "
                 "CPUs Ray queues actors forever: lower cpus_per_worker."
-            ) from None
+            ),
+        )
 
     def _restart(self, worker: int, generation: int, kind: str, reason: str) -> None:
         """Replace worker ``worker`` if it is still incarnation ``generation``; count the loss."""

@@ -38,7 +38,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from spear.distributed.env_pool import EnvPoolError, _ray, check_cpu_request, check_fields
+from spear.distributed.env_pool import (
+    EnvPoolError,
+    _ray,
+    await_actors,
+    check_cpu_request,
+    check_fields,
+)
 from spear.registry import Registry
 from spear.rollout.engine import Generation, HFEngine, RolloutEngine, SamplingParams
 
@@ -256,17 +262,15 @@ class RayEngineGroup:
         self._await_ready(self._actors)
 
     def _await_ready(self, actors: Sequence[Any]) -> None:
-        ray = _ray()
-        try:
-            ray.get([a.ping.remote() for a in actors], timeout=self.params.start_timeout_s)
-        except Exception as exc:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            raise EnvPoolError(
+        await_actors(
+            actors,
+            self.params.start_timeout_s,
+            lambda exc: (
                 f"{len(actors)} rollout worker(s) did not start within start_timeout_s="
                 f"{self.params.start_timeout_s:g}s ({type(exc).__name__}: {exc}); with too few "
                 "free CPUs / GPUs Ray queues actors forever: lower the per-worker request."
-            ) from None
+            ),
+        )
 
     def _restart(self, worker: int, kind: str, reason: str) -> Any:
         """Replace worker ``worker`` by a fresh actor holding the latest weights."""
