@@ -58,7 +58,20 @@ class GrowingLayer(DynamicLayer):
             self.keys = self._kbuf[:, :, : self._length]
             self.values = self._vbuf[:, :, : self._length]
 
+    @classmethod
+    def holding(cls, kbuf: Tensor, vbuf: Tensor, length: int) -> GrowingLayer:
+        """A layer whose buffers are ``kbuf`` / ``vbuf`` ``[B, H, capacity, D]``, of which the
+        first ``length`` columns are filled."""
+        layer = cls()
+        layer.lazy_initialization(kbuf, vbuf)
+        layer._kbuf, layer._vbuf, layer._length = kbuf, vbuf, length
+        layer.keys, layer.values = kbuf[:, :, :length], vbuf[:, :, :length]
+        return layer
 
-def growing_cache() -> Cache:
-    """An empty cache of :class:`GrowingLayer` s (one is made per decoder layer on first use)."""
+
+def growing_cache(layers: list[GrowingLayer] | None = None) -> Cache:
+    """A cache of :class:`GrowingLayer` s: ``layers`` if given, else empty (one is made per
+    decoder layer on first use)."""
+    if layers is not None:
+        return Cache(layers=list(layers))
     return Cache(layer_class_to_replicate=GrowingLayer)

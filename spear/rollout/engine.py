@@ -30,6 +30,7 @@ from spear.models.prefix import (
     run_prefix_plan,
     supports_prefix_sharing,
 )
+from spear.rollout.turn_cache import TurnCache
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,14 @@ class RolloutEngine(Protocol):
     def update_weights(self, model: nn.Module | None = None) -> None:
         """Make the engine sample from the current policy weights."""
         ...
+
+
+@runtime_checkable
+class KeepsTurns(Protocol):
+    """An engine that keeps state between the turns of a rollout (:class:`HFEngine`'s KV
+    caches); the agent loop calls :meth:`drop_kept_rows` when its rollout is over."""
+
+    def drop_kept_rows(self) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +223,9 @@ class HFEngine:
     ``share_prefill``: a prefix several prompts of a batch share (the system prompt; a task's
     prompt in each of its G rollouts, on every turn) is prefilled once and its KV cache handed
     to every row; the sampled distributions are unchanged up to float rounding.
+    ``keep_turns``: each call keeps its rows' KV caches, and a next call whose prompts all
+    continue them (the next turn of the same episodes, same weights) prefills only the new
+    tokens (:mod:`spear.rollout.turn_cache`); :meth:`drop_kept_rows` frees them.
     """
 
     def __init__(
@@ -225,6 +237,7 @@ class HFEngine:
         max_batch_size: int | None = None,
         seed: int | None = None,
         share_prefill: bool = True,
+        keep_turns: bool = True,
     ) -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be None or >= 1, got {max_batch_size}")
@@ -233,6 +246,7 @@ class HFEngine:
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.max_batch_size = max_batch_size
         self.share_prefill = share_prefill
+        self._turns = TurnCache() if keep_turns else None
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -244,6 +258,12 @@ class HFEngine:
         if model is not None:
             self.model = model
             self.device = _module_device(model)
+        self.drop_kept_rows()
+
+    def drop_kept_rows(self) -> None:
+        """Free the KV caches kept for a next turn (the end of a rollout)."""
+        if self._turns is not None:
+            self._turns.clear()
 
     def generate(
         self,
@@ -265,8 +285,11 @@ class HFEngine:
         out: list[Generation | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
+        turns = self._turns if supports_prefix_sharing(_config(self.model)) else None
         try:
             with torch.inference_mode():
+                if turns is not None:
+                    turns.begin(self.model)
                 for start in range(0, len(order), size):
                     chunk = order[start : start + size]
                     results = self._generate_batch(
@@ -274,6 +297,11 @@ class HFEngine:
                     )
                     for i, r in zip(chunk, results):
                         out[i] = r
+            if turns is not None:
+                turns.finish()
+        except BaseException:
+            self.drop_kept_rows()
+            raise
         finally:
             self.model.train(was_training)
         return [g for g in out if g is not None]
@@ -303,6 +331,7 @@ class HFEngine:
     ) -> list[Generation]:
         cache, attn, next_pos, logits = self._prefill(prompts)
         cache_arg = cache_kwarg(self.model)
+        turns = self._turns if supports_prefix_sharing(_config(self.model)) else None
         n = len(prompts)
         rows = _Rows(
             [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, limits, list(range(n))
@@ -319,6 +348,8 @@ class HFEngine:
             if not alive:
                 break
             if len(alive) <= COMPACT_AT * len(rows.active):  # drop the finished rows
+                if turns is not None:
+                    _keep_finished(turns, cache, attn, rows, alive, prompts)
                 index = torch.as_tensor(alive, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(index)
                 attn, next_pos, tok = attn[index], next_pos[index], tok[index]
@@ -334,6 +365,8 @@ class HFEngine:
             )
             cache, logits = cache_of(out), out.logits[:, -1, :].float()
             next_pos = next_pos + 1
+        if turns is not None:
+            _keep_finished(turns, cache, attn, rows, [], prompts)
         return [
             Generation(token_ids=t, logprobs=lps, finish_reason=r or "length")
             for t, lps, r in zip(rows.tokens, rows.logprobs, rows.reasons)
@@ -345,10 +378,23 @@ class HFEngine:
         system prompt, a task's prompt in every rollout of its group, earlier turns) runs once
         (:func:`~spear.models.prefix.plan_prefix_tree`); the mask then has holes where a level
         was padded, and positions are each row's own."""
+        sharing = supports_prefix_sharing(_config(self.model))
+        turns = self._turns if sharing else None
+        cont = None if turns is None else turns.continue_rows(prompts, self.pad_id, self.device)
+        if cont is not None:
+            out = self.model(
+                input_ids=cont.ids,
+                attention_mask=cont.mask,
+                position_ids=cont.positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kwarg(self.model): cont.cache},
+            )
+            return cache_of(out), cont.mask, cont.next_pos, out.logits[:, -1, :].float()
         seqs = [list(p) for p in prompts]
         plan = (
             plan_prefix_tree(seqs, [len(p) - 1 for p in seqs], self.device, left_pad_last=True)
-            if self.share_prefill and supports_prefix_sharing(getattr(self.model, "config", None))
+            if self.share_prefill and sharing
             else None
         )
         if plan is not None:
@@ -399,6 +445,26 @@ class HFEngine:
         window = max(len(s) for s in stop_strings) + 1  # every token decodes to >= 1 character
         tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
         return any(s in tail for s in stop_strings)
+
+
+def _keep_finished(
+    turns: TurnCache,
+    cache: Any,
+    attn: Tensor,
+    rows: _Rows,
+    alive: list[int],
+    prompts: Sequence[Sequence[int]],
+) -> None:
+    """Keep the batch's finished rows (every position not in ``alive``) for a next turn: their
+    keys cover the prompt and all sampled tokens but the last (never fed back)."""
+    running = set(alive)
+    done = [j for j in range(len(rows.active)) if j not in running]
+    seqs = [[*prompts[rows.active[j]], *rows.tokens[rows.active[j]][:-1]] for j in done]
+    turns.keep(cache, attn, done, seqs)
+
+
+def _config(model: nn.Module) -> Any:
+    return getattr(model, "config", None)
 
 
 def _module_device(model: nn.Module) -> torch.device:

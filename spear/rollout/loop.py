@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from spear.envs.base import Env, StepResult, Task, Tool, tool_schema
-from spear.rollout.engine import Generation, RolloutEngine, SamplingParams
+from spear.rollout.engine import Generation, KeepsTurns, RolloutEngine, SamplingParams
 from spear.rollout.layout import (
     LAYOUTS,
     ChatFormat,
@@ -479,6 +479,8 @@ def run_episodes(
                 _apply_generation(r, gen, fmt, params)
             _step_all([r for r, _ in batch], fmt, params, pool, step, times)
     finally:
+        if isinstance(engine, KeepsTurns):
+            engine.drop_kept_rows()
         t0 = clock()
         _close_all(runs, pool, params.env_step_timeout_s)
         if executor is None:
