@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     model = model_dir(args.cache_dir)
     n = 16 * 8
     workers: dict[str, Worker] = {}
-    for mode, (extra, max_completion) in MODES.items():
+    for mode in args.modes:
+        extra, max_completion = MODES[mode]
         workers[f"spear-{mode}"] = Worker(
             spear_worker_cmd(
                 "spear", [*EQUAL, *extra, *args.spear_override], args.cache_dir, args.threads
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
 
 def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in [m for m in MODES if f"spear-{m}" in rows]:
         s, t = rows[f"spear-{mode}"], rows[f"trl-{mode}"]
         out[mode] = {
             "spear_median_s": statistics.median(r["wall"] for r in s),
@@ -189,6 +190,7 @@ def main() -> None:
         "--spear-override", action="append", default=[], metavar="KEY=VALUE",
         help="extra spear config override (repeatable), e.g. rollout.recompute_old_logprobs=false",
     )  # fmt: skip
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--trl-python", default="/work/trl-venv/bin/python")
     p.add_argument("--out", type=Path, default=RESULTS / "trl_compare.json")

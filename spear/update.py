@@ -22,7 +22,7 @@ from torch import Tensor
 from spear.algo.aggregation import AGGREGATIONS, AggregationNorm
 from spear.algo.kl import KL_ESTIMATORS
 from spear.algo.losses import POLICY_LOSSES, PolicyLossInput, PolicyLossParams
-from spear.policy import Policy
+from spear.policy import Policy, prefix_order
 from spear.types import TokenBatch
 
 # loss metrics that are counts, summed over micro-batches
@@ -63,6 +63,17 @@ def single_step(settings: UpdateSettings, num_rows: int) -> bool:
 def _mini_batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
     perm = torch.randperm(n, generator=generator)
     return [perm[i : i + size] for i in range(0, n, size)]
+
+
+def grouped_rows(batch: TokenBatch, rows: Tensor, share_prefix: bool) -> Tensor:
+    """``rows`` (one mini-batch) reordered so that rows with the same prompt are adjacent, and
+    the micro-batches cut from it run each prompt once (:func:`~spear.policy.prefix_order`);
+    unchanged without prefix sharing. How a mini-batch is split into micro-batches does not
+    change its gradient (the normaliser is the mini-batch's)."""
+    if not share_prefix:
+        return rows
+    mini = batch.select(rows)
+    return rows[prefix_order(mini.input_ids, mini.attention_mask, mini.loss_mask)]
 
 
 def _micro_loss(
@@ -138,6 +149,7 @@ def policy_update(
     steps = skipped = 0
     for _ in range(settings.epochs):
         for rows in _mini_batches(batch.num_rows, settings.mini_batch_size, generator):
+            rows = grouped_rows(batch, rows, policy.share_prefix)
             mini = batch.select(rows)
             norm = AggregationNorm.from_mask(mini.loss_mask, settings.max_response_len)
             policy.optimizer.zero_grad(set_to_none=True)

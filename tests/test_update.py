@@ -102,3 +102,54 @@ def test_old_logprobs_from_the_forward_pass_need_a_single_step(kwargs: dict) -> 
             torch.Generator().manual_seed(7),
             old_from_forward=True,
         )
+
+
+def _three_prompts() -> TokenBatch:
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 48, (6,), generator=g) for _ in range(3)]
+    samples = []
+    for i, n in enumerate([5, 9, 3, 7, 6, 4]):  # rows alternate between the three prompts
+        ids = torch.cat([prompts[i % 3], torch.randint(0, 48, (n,), generator=g)])
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[6:] = True
+        s = Sample(input_ids=ids, loss_mask=mask, behavior_logprobs=torch.zeros(len(ids)),
+                   group_id=i % 3, episode_id=i)  # fmt: skip
+        s.advantage = (-1.0) ** i * (0.5 + 0.1 * i)
+        samples.append(s)
+    return TokenBatch.collate(samples, pad_id=0)
+
+
+def test_micro_batches_hold_rows_that_share_a_prompt_and_the_update_is_unchanged(
+    monkeypatch,
+) -> None:
+    # Within one mini-batch the split into micro-batches does not change the gradient, so rows
+    # that share a prompt go together (the prefix tree then runs each prompt once per
+    # micro-batch) whatever order the shuffle drew.
+    from spear.policy import Policy
+
+    seen: list[torch.Tensor] = []
+    real = Policy.forward_logprobs
+    monkeypatch.setattr(
+        Policy,
+        "forward_logprobs",
+        lambda self, b, **k: seen.append(b.input_ids) or real(self, b, **k),
+    )
+    batch, result = _three_prompts(), {}
+    for share in (True, False):
+        policy = _policy()
+        policy.share_prefix = share
+        seen.clear()
+        old = policy.batch_logprobs(batch, micro_batch_size=6, temperature=1.0)
+        seen.clear()
+        res = policy_update(
+            policy, batch, _settings(loss="vanilla"), torch.Generator().manual_seed(7),
+            old_from_forward=True,
+        )  # fmt: skip
+        assert res.old_logprobs is not None
+        scored = batch.loss_mask > 0
+        torch.testing.assert_close(res.old_logprobs[scored], old[scored], atol=1e-5, rtol=0)
+        grouped = all(torch.equal(m[0, :6], m[1, :6]) for m in seen)
+        assert grouped == share  # the seeded shuffle alone pairs different prompts
+        result[share] = [p.detach().clone() for p in policy.model.parameters()]
+    for a, b in zip(result[True], result[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -39,7 +39,14 @@ from torch.distributed.tensor import DTensor
 from spear.algo.aggregation import AggregationNorm
 from spear.policy import Policy
 from spear.types import TokenBatch
-from spear.update import COUNT_METRICS, UpdateResult, UpdateSettings, _micro_loss, _mini_batches
+from spear.update import (
+    COUNT_METRICS,
+    UpdateResult,
+    UpdateSettings,
+    _micro_loss,
+    _mini_batches,
+    grouped_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +377,7 @@ def data_parallel_update(
         for rows in _agreed_mini_batches(
             batch.num_rows, settings.mini_batch_size, generator, group
         ):
+            rows = grouped_rows(batch, rows, policy.share_prefix)  # the same on every rank
             idx, num_fill = share_rows(rows, world, rank)
             local = mask_last_rows(batch.select(idx), num_fill)
             local_ref = ref_logprobs[idx] if ref_logprobs is not None else None
