@@ -118,9 +118,10 @@ def main() -> None:
             [(y["wall"] / y["tokens"]) / (x["wall"] / x["tokens"]) for x, y in zip(b, a)]
         ),
         "total_after_over_before": sum(r["wall"] for r in a) / sum(r["wall"] for r in b),
-        "cpu_stages_after_over_before": {
+        "cpu_stages_after_over_before": {  # stages that ran (> 0.05 s) before
             s: ratio_summary([y[s] / x[s] for x, y in zip(b, a) if x[s] > 0.05])
-            for s in ("old_logprobs", "update")
+            for s in ("rollout", "old_logprobs", "update", "sil_update")
+            if any(x[s] > 0.05 for x in b)
         },
         "median_cpu_s": {
             n: {s: statistics.median(r[s] for r in rs) for s in [*STAGES, "cpu", "wall"]}
