@@ -188,7 +188,12 @@ def response_filter_params(cfg: Config) -> ResponseFilterParams:
 
 def build_components(cfg: Config) -> Components:
     policy = build_policy(cfg)
-    engine = HFEngine(policy.model, policy.tokenizer, device=policy.device)
+    engine = HFEngine(
+        policy.model,
+        policy.tokenizer,
+        device=policy.device,
+        keep_turns=cfg.rollout.keep_kv_cache,
+    )
     return Components(
         policy=policy,
         engine=engine,

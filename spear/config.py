@@ -128,6 +128,9 @@ class RolloutConfig(_Section):
     # update's forward pass when the update is one optimizer step (ppo_epochs=1, one mini-batch),
     # else a separate forward pass. False: the sampler's log-probs (needs untruncated sampling)
     recompute_old_logprobs: bool = True
+    # the HF engine keeps each turn's KV cache and prefills only the new tokens of the episode's
+    # next turn (same weights, prompt continues the last one); false: prefill every turn anew
+    keep_kv_cache: bool = True
 
     @model_validator(mode="after")
     def _sampler_logprobs(self) -> RolloutConfig:

@@ -262,3 +262,28 @@ def test_replay_recompute_takes_old_logprobs_from_the_replay_forward_pass(
     for m in replayed:
         assert m["replay/approx_kl"] == 0.0 and m["replay/clipfrac"] == 0.0
     t.close()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_kv_cache_reaches_the_engine_and_nothing_is_held_after_a_rollout(
+    cache_dir, tmp_path, keep, monkeypatch
+):
+    # Continuing kept rows is tested in tests/rollout/test_turn_cache.py (this tiny warm model
+    # ends its episodes in one turn); here: the config switch and the release.
+    from spear.rollout.turn_cache import TurnCache
+
+    asked: list[bool] = []
+    real = TurnCache.continue_rows
+    monkeypatch.setattr(
+        TurnCache,
+        "continue_rows",
+        lambda self, *a, **k: asked.append(True) or real(self, *a, **k),
+    )
+    cfg = _cfg(cache_dir, tmp_path / "run", "trainer.steps=1", f"rollout.keep_kv_cache={keep}")
+    (tmp_path / "run").mkdir()
+    t = Trainer(cfg, tmp_path / "run")
+    t.train_step()
+    assert (t.c.engine._turns is not None) == keep
+    assert bool(asked) == keep  # every turn's prefill looks for kept rows first
+    assert len(t.c.engine._turns or []) == 0  # freed once the rollout is over
+    t.close()

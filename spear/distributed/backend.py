@@ -134,6 +134,7 @@ class RayBackend:
                 model_path=model_dir(cfg) if d.rollout_engine == "vllm" else None,
                 device="cuda" if d.gpus_per_rollout_worker > 0 else "cpu",
                 num_threads=d.worker_threads, gpu_memory_utilization=d.vllm_gpu_memory_utilization,
+                keep_kv_cache=cfg.rollout.keep_kv_cache,
             )  # fmt: skip
             params = _worker_params(
                 d, d.rollout_workers, d.cpus_per_rollout_worker, d.gpus_per_rollout_worker

@@ -157,8 +157,10 @@ class EngineReplica(Protocol):
 class HFReplica:
     """An :class:`HFEngine` over a private copy of the policy's module."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, device: str) -> None:
-        self.engine = HFEngine(model.to(device), tokenizer, device=device)
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, device: str, *, keep_turns: bool = True
+    ) -> None:
+        self.engine = HFEngine(model.to(device), tokenizer, device=device, keep_turns=keep_turns)
 
     def generate(
         self,
@@ -187,12 +189,13 @@ class HFReplicaFactory:
     tokenizer: Any
     device: str
     num_threads: int
+    keep_turns: bool = True  # HFEngine's KV cache kept between turns (rollout.keep_kv_cache)
 
     def __call__(self) -> EngineReplica:
         torch.set_num_threads(self.num_threads)
         if self.device == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this worker's GPU(s) only
-        return HFReplica(self.model, self.tokenizer, self.device)
+        return HFReplica(self.model, self.tokenizer, self.device, keep_turns=self.keep_turns)
 
 
 class EngineHost:
@@ -397,6 +400,7 @@ class ReplicaSpec:
     device: str  # "cpu" or "cuda"
     num_threads: int
     gpu_memory_utilization: float
+    keep_kv_cache: bool = True
 
 
 REPLICAS: Registry[Callable[[ReplicaSpec], ReplicaFactory]] = Registry("distributed.rollout_engine")
@@ -404,7 +408,9 @@ REPLICAS: Registry[Callable[[ReplicaSpec], ReplicaFactory]] = Registry("distribu
 
 @REPLICAS.register("hf")
 def _hf(spec: ReplicaSpec) -> ReplicaFactory:
-    return HFReplicaFactory(spec.model, spec.tokenizer, spec.device, spec.num_threads)
+    return HFReplicaFactory(
+        spec.model, spec.tokenizer, spec.device, spec.num_threads, spec.keep_kv_cache
+    )
 
 
 @REPLICAS.register("vllm")

@@ -115,9 +115,10 @@ class TurnCache:
             store.where[tuple(s)] = (len(store.chunks) - 1, i)
             store.lengths.add(len(s))
 
-    def _find(self, prompt: Sequence[int]) -> tuple[int, int, int] | None:
-        """``(chunk, row, length)`` of the longest kept sequence that is a proper prefix."""
-        for length in sorted(self._kept.lengths, reverse=True):
+    def _find(self, prompt: Sequence[int], lengths: list[int]) -> tuple[int, int, int] | None:
+        """``(chunk, row, length)`` of the longest kept sequence that is a proper prefix
+        (``lengths``: the kept lengths, longest first)."""
+        for length in lengths:
             if length < len(prompt):
                 hit = self._kept.where.get(tuple(prompt[:length]))
                 if hit is not None:
@@ -131,7 +132,8 @@ class TurnCache:
         continues one."""
         if not self._kept.where:
             return None
-        hits = [self._find(p) for p in prompts]
+        lengths = sorted(self._kept.lengths, reverse=True)
+        hits = [self._find(p, lengths) for p in prompts]
         if any(h is None for h in hits):
             return None
         found = [h for h in hits if h is not None]
