@@ -41,8 +41,13 @@ def cache_kwarg(model: nn.Module) -> str:
     ``past_key_values`` (older releases)."""
     unwrap = getattr(model, "get_base_model", None)  # peft wrappers
     base = unwrap() if callable(unwrap) else model
+    return _cache_kwarg_of(type(base))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
     try:
-        names = inspect.signature(base.forward).parameters
+        names = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in names else "past_key_values"
