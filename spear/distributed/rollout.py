@@ -46,7 +46,7 @@ from spear.distributed.env_pool import (
     check_fields,
 )
 from spear.registry import Registry
-from spear.rollout.engine import Generation, HFEngine, RolloutEngine, SamplingParams
+from spear.rollout.engine import Generation, HFEngine, KeepsTurns, RolloutEngine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,9 @@ class HFReplica:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.engine.model.load_state_dict(state)
 
+    def drop_kept_rows(self) -> None:
+        self.engine.drop_kept_rows()
+
 
 ReplicaFactory = Callable[[], EngineReplica]
 
@@ -221,6 +224,13 @@ class EngineHost:
         max_new_tokens: Sequence[int] | None,
     ) -> tuple[list[Generation], Tensor]:
         return generate_chunk(self.replica, prompts, params, spec, max_new_tokens)
+
+    def drop_kept_rows(self) -> bool:
+        """Free what the replica keeps between turns; True if it keeps anything at all."""
+        if isinstance(self.replica, KeepsTurns):
+            self.replica.drop_kept_rows()
+            return True
+        return False
 
 
 def generate_chunk(
@@ -372,6 +382,22 @@ class RayEngineGroup:
         if model is None:
             raise ValueError("RayEngineGroup.update_weights needs the model whose weights to push")
         self.push_state(cpu_state_dict(model))
+
+    def drop_kept_rows(self) -> None:
+        """The :class:`~spear.rollout.engine.KeepsTurns` hook: every replica (and the driver's
+        engine) frees the KV caches it kept for a next turn. A worker that fails to answer is
+        skipped: the next call restarts it, and a fresh replica keeps nothing."""
+        ray = _ray()
+        if isinstance(self._local, KeepsTurns):
+            self._local.drop_kept_rows()
+        with self._lock:
+            refs = [a.drop_kept_rows.remote() for a in self._actors]
+        errors = ray.exceptions
+        for k, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=self.params.call_timeout_s)
+            except (errors.GetTimeoutError, errors.RayActorError) as exc:
+                log.warning("rollout worker %d did not free its kept rows (%s)", k, exc)
 
     def actor(self, worker: int) -> Any:
         """The Ray actor handle of worker ``worker`` (for diagnostics and fault injection)."""

@@ -41,11 +41,12 @@ def cache_kwarg(model: nn.Module) -> str:
     ``past_key_values`` (older releases)."""
     unwrap = getattr(model, "get_base_model", None)  # peft wrappers
     base = unwrap() if callable(unwrap) else model
-    return _cache_kwarg_of(type(base))
+    cls: Any = type(base)
+    return _cache_kwarg_of(cls)
 
 
 @functools.cache
-def _cache_kwarg_of(cls: type) -> str:
+def _cache_kwarg_of(cls: Any) -> str:
     try:
         names = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):

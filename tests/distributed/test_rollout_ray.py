@@ -20,7 +20,7 @@ from spear.distributed.rollout import (
     draw_seeds,
     generator_from,
 )
-from spear.rollout.engine import Generation, HFEngine, SamplingParams
+from spear.rollout.engine import Generation, HFEngine, KeepsTurns, SamplingParams
 from tests.distributed.test_workers import PROMPTS, SAMPLING, _Tok, tiny_lm
 
 ray = pytest.importorskip("ray")
@@ -86,6 +86,11 @@ def test_replica_zero_continues_the_callers_stream_and_two_split_the_batch(clust
         )
         assert _ids(pushed) == _ids(want) and len(pushed[0].token_ids) <= 3
         assert group.stats.weight_syncs == 1 and group.stats.restarts == 0
+        # the agent loop's end-of-rollout hook reaches every replica (the freeing itself is
+        # tested in-process in test_workers.py)
+        assert isinstance(group, KeepsTurns)
+        group.drop_kept_rows()
+        assert group.stats.restarts == 0
     finally:
         group.shutdown()
 

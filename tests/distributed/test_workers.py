@@ -105,6 +105,24 @@ def test_engine_host_equals_an_in_process_engine_and_loads_weights() -> None:
     assert [g.logprobs for g in moved] == [g.logprobs for g in want_other]
 
 
+def test_engine_host_frees_what_its_replica_keeps_between_turns() -> None:
+    host = EngineHost(HFReplicaFactory(tiny_lm(), _Tok(), "cpu", 1))
+    host.generate(PROMPTS, SAMPLING, torch.Generator().manual_seed(2).get_state(), None)
+    kept = host.replica.engine._turns  # type: ignore[attr-defined]
+    assert kept is not None and len(kept) == len(PROMPTS)  # every row kept for a next turn
+    assert host.drop_kept_rows() is True and len(kept) == 0
+    off = EngineHost(HFReplicaFactory(tiny_lm(), _Tok(), "cpu", 1, keep_turns=False))
+    assert off.replica.engine._turns is None  # type: ignore[attr-defined]
+
+    class _Plain:  # a replica that keeps nothing between calls
+        def generate(self, *a: object, **k: object) -> list:
+            return []
+
+        def load_state_dict(self, state: object) -> None: ...
+
+    assert EngineHost(_Plain).drop_kept_rows() is False
+
+
 def test_load_full_state_accepts_tied_aliases_only() -> None:
     src, dst = tiny_lm(seed=1, tied=True), tiny_lm(seed=0, tied=True)
     state = {k: v for k, v in src.state_dict().items() if k != "lm_head.weight"}  # tied alias
