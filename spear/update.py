@@ -72,8 +72,9 @@ def grouped_rows(batch: TokenBatch, rows: Tensor, share_prefix: bool) -> Tensor:
     change its gradient (the normaliser is the mini-batch's)."""
     if not share_prefix:
         return rows
-    mini = batch.select(rows)
-    return rows[prefix_order(mini.input_ids, mini.attention_mask, mini.loss_mask)]
+    return rows[
+        prefix_order(batch.input_ids[rows], batch.attention_mask[rows], batch.loss_mask[rows])
+    ]
 
 
 def _micro_loss(

@@ -285,7 +285,8 @@ class HFEngine:
         out: list[Generation | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
-        turns = self._turns if supports_prefix_sharing(_config(self.model)) else None
+        sharing = supports_prefix_sharing(_config(self.model))  # the tree and kept rows
+        turns = self._turns if sharing else None
         try:
             with torch.inference_mode():
                 if turns is not None:
@@ -293,7 +294,12 @@ class HFEngine:
                 for start in range(0, len(order), size):
                     chunk = order[start : start + size]
                     results = self._generate_batch(
-                        [prompts[i] for i in chunk], [limits[i] for i in chunk], params, gen
+                        [prompts[i] for i in chunk],
+                        [limits[i] for i in chunk],
+                        params,
+                        gen,
+                        sharing,
+                        turns,
                     )
                     for i, r in zip(chunk, results):
                         out[i] = r
@@ -328,10 +334,11 @@ class HFEngine:
         limits: list[int],
         params: SamplingParams,
         generator: torch.Generator,
+        sharing: bool,
+        turns: TurnCache | None,
     ) -> list[Generation]:
-        cache, attn, next_pos, logits = self._prefill(prompts)
+        cache, attn, next_pos, logits = self._prefill(prompts, sharing, turns)
         cache_arg = cache_kwarg(self.model)
-        turns = self._turns if supports_prefix_sharing(_config(self.model)) else None
         n = len(prompts)
         rows = _Rows(
             [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, limits, list(range(n))
@@ -372,14 +379,16 @@ class HFEngine:
             for t, lps, r in zip(rows.tokens, rows.logprobs, rows.reasons)
         ]
 
-    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, Tensor, Tensor, Tensor]:
+    def _prefill(
+        self, prompts: Sequence[Sequence[int]], sharing: bool, turns: TurnCache | None
+    ) -> tuple[Any, Tensor, Tensor, Tensor]:
         """Run the prompts through the model: ``(cache, attention mask [N, K], next position
         [N], last logits [N, V])``. With ``share_prefill`` a prefix several prompts share (the
         system prompt, a task's prompt in every rollout of its group, earlier turns) runs once
         (:func:`~spear.models.prefix.plan_prefix_tree`); the mask then has holes where a level
-        was padded, and positions are each row's own."""
-        sharing = supports_prefix_sharing(_config(self.model))
-        turns = self._turns if sharing else None
+        was padded, and positions are each row's own. ``sharing``: the model supports a prefix
+        plan (:func:`~spear.models.prefix.supports_prefix_sharing`); ``turns``: the kept rows a
+        call may continue (None: none)."""
         cont = None if turns is None else turns.continue_rows(prompts, self.pad_id, self.device)
         if cont is not None:
             out = self.model(
