@@ -11,6 +11,10 @@ after / before of process CPU time (``speed_common.CpuProbes``; wall time too) a
 stage's CPU time (median, min, max), and the ratio of the totals.
 The two runs sample the same first rollout; the fixes change floats at rounding level
 (see ``profile.md``), so later steps' rollouts differ slightly: the per-token ratio is given too.
+
+``--same-code --before-set KEY=VALUE`` compares one config switch instead (both workers run the
+working tree; "before" with the override); ``--set`` overrides both, ``--trl-mode single|tools``
+gives both ``trl_compare.py``'s settings of that mode.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from speed_common import (
     spear_worker_cmd,
     write_result,
 )
+from trl_compare import EQUAL, MODES
 
 FIXED_FILES = [
     "spear/policy.py",
@@ -88,13 +93,31 @@ def main() -> None:
         "--fixed", nargs="+", default=FIXED_FILES, help="files taken from HEAD for 'before'"
     )
     p.add_argument("--base", default=None, help="'before' = the whole package at this revision")
+    p.add_argument(
+        "--same-code",
+        action="store_true",
+        help="'before' runs the working tree too (with --before-set)",
+    )
+    p.add_argument("--set", action="append", default=[], help="config override of both (k=v)")
+    p.add_argument(
+        "--before-set", action="append", default=[], help="config override of 'before' only"
+    )
+    p.add_argument(
+        "--trl-mode", choices=sorted(MODES), help="both run trl_compare.py's settings of this mode"
+    )
     args = p.parse_args()
     out = args.out or RESULTS / f"before_after_{args.method}.json"
     load_before = machine()["loadavg"]
     with tempfile.TemporaryDirectory() as tmp:
-        tree = before_tree(Path(tmp), args.fixed, args.base)
-        cmd = spear_worker_cmd(args.method, [], args.cache_dir, args.threads)
-        workers = {"before": Worker(cmd, env={"PYTHONPATH": str(tree)}), "after": Worker(cmd)}
+        both = [*(EQUAL + MODES[args.trl_mode][0] if args.trl_mode else []), *args.set]
+        cmd = spear_worker_cmd(args.method, both, args.cache_dir, args.threads)
+        old = spear_worker_cmd(args.method, [*both, *args.before_set], args.cache_dir, args.threads)
+        env = (
+            None
+            if args.same_code
+            else {"PYTHONPATH": str(before_tree(Path(tmp), args.fixed, args.base))}
+        )
+        workers = {"before": Worker(old, env=env), "after": Worker(cmd)}
         rows: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         try:
             for k in range(args.steps):

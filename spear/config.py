@@ -327,6 +327,7 @@ class TrainerConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["local", "ray"] = "local"  # ray: scale out as `distributed` says
     num_threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
+    retain_freed_memory: bool = True  # glibc keeps freed memory for reuse (spear.runtime)
     max_nonfinite_skips: int = Field(10, ge=1)  # consecutive skipped updates before stopping
 
 

@@ -42,6 +42,7 @@ from spear.metrics import MetricLogger, sync_metrics
 from spear.replay import ReplayBatch
 from spear.rewards import assign_rewards
 from spear.rollout.loop import RolloutTimes
+from spear.runtime import retain_freed_memory
 from spear.stages import (
     compute_advantages,
     episode_metrics,
@@ -88,6 +89,8 @@ class Trainer:
         self.run_dir = run_dir
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
+        if cfg.trainer.retain_freed_memory:
+            retain_freed_memory()
         torch.manual_seed(cfg.trainer.seed)
         self.c: Components = build_components(cfg)
         self.step = 0

@@ -287,3 +287,15 @@ def test_keep_kv_cache_reaches_the_engine_and_nothing_is_held_after_a_rollout(
     assert bool(asked) == keep  # every turn's prefill looks for kept rows first
     assert len(t.c.engine._turns or []) == 0  # freed once the rollout is over
     t.close()
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_retain_freed_memory_switch(cache_dir, tmp_path, retain, monkeypatch):
+    import spear.trainer as trainer_module
+
+    calls: list[bool] = []
+    monkeypatch.setattr(trainer_module, "retain_freed_memory", lambda: calls.append(True) or True)
+    cfg = _cfg(cache_dir, tmp_path / "run", f"trainer.retain_freed_memory={retain}")
+    (tmp_path / "run").mkdir()
+    Trainer(cfg, tmp_path / "run").close()
+    assert bool(calls) == retain

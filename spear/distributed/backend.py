@@ -135,6 +135,7 @@ class RayBackend:
                 device="cuda" if d.gpus_per_rollout_worker > 0 else "cpu",
                 num_threads=d.worker_threads, gpu_memory_utilization=d.vllm_gpu_memory_utilization,
                 keep_kv_cache=cfg.rollout.keep_kv_cache,
+                retain_freed_memory=cfg.trainer.retain_freed_memory,
             )  # fmt: skip
             params = _worker_params(
                 d, d.rollout_workers, d.cpus_per_rollout_worker, d.gpus_per_rollout_worker
@@ -146,7 +147,7 @@ class RayBackend:
         if d.train_ranks:
             setup = RankSetup(
                 optim=cfg.optim, total_steps=cfg.trainer.steps, dist_backend=dist_backend(d),
-                num_threads=d.worker_threads,
+                num_threads=d.worker_threads, retain_memory=cfg.trainer.retain_freed_memory,
             )  # fmt: skip
             params = _worker_params(d, d.train_ranks, d.cpus_per_train_rank, d.gpus_per_train_rank)
             self.trainers = TrainGroup(c.policy, setup, params)

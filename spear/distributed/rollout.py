@@ -47,6 +47,7 @@ from spear.distributed.env_pool import (
 )
 from spear.registry import Registry
 from spear.rollout.engine import Generation, HFEngine, KeepsTurns, RolloutEngine, SamplingParams
+from spear.runtime import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,12 @@ class HFReplicaFactory:
     device: str
     num_threads: int
     keep_turns: bool = True  # HFEngine's KV cache kept between turns (rollout.keep_kv_cache)
+    retain_memory: bool = True  # glibc keeps freed memory (trainer.retain_freed_memory)
 
     def __call__(self) -> EngineReplica:
         torch.set_num_threads(self.num_threads)
+        if self.retain_memory:
+            retain_freed_memory()
         if self.device == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this worker's GPU(s) only
         return HFReplica(self.model, self.tokenizer, self.device, keep_turns=self.keep_turns)
@@ -427,6 +431,7 @@ class ReplicaSpec:
     num_threads: int
     gpu_memory_utilization: float
     keep_kv_cache: bool = True
+    retain_freed_memory: bool = True
 
 
 REPLICAS: Registry[Callable[[ReplicaSpec], ReplicaFactory]] = Registry("distributed.rollout_engine")
@@ -435,7 +440,12 @@ REPLICAS: Registry[Callable[[ReplicaSpec], ReplicaFactory]] = Registry("distribu
 @REPLICAS.register("hf")
 def _hf(spec: ReplicaSpec) -> ReplicaFactory:
     return HFReplicaFactory(
-        spec.model, spec.tokenizer, spec.device, spec.num_threads, spec.keep_kv_cache
+        spec.model,
+        spec.tokenizer,
+        spec.device,
+        spec.num_threads,
+        spec.keep_kv_cache,
+        spec.retain_freed_memory,
     )
 
 

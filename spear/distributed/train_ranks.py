@@ -33,6 +33,7 @@ from spear.config import OptimConfig
 from spear.distributed.env_pool import EnvPoolError, _ray, check_cpu_request
 from spear.distributed.rollout import WorkerParams, cpu_module, generator_from
 from spear.policy import Policy, build_optimizer
+from spear.runtime import retain_freed_memory
 from spear.types import TokenBatch
 from spear.update import UpdateResult, UpdateSettings
 
@@ -51,6 +52,7 @@ class RankSetup:
     total_steps: int
     dist_backend: str  # "gloo" (CPU) or "nccl" (GPU)
     num_threads: int
+    retain_memory: bool = True  # glibc keeps freed memory (trainer.retain_freed_memory)
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
@@ -71,6 +73,8 @@ class TrainRank:
 
     def __init__(self, model: nn.Module, tokenizer: Any, setup: RankSetup) -> None:
         torch.set_num_threads(setup.num_threads)
+        if setup.retain_memory:
+            retain_freed_memory()
         self.setup = setup
         self.device = (
             torch.device("cuda", 0) if setup.dist_backend == "nccl" else torch.device("cpu")
