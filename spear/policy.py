@@ -187,12 +187,14 @@ class Policy:
             hidden = decoder(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state  # [N, T, H]
-            scoring = hidden[rows, cols - 1]  # [M, H]
+            flat_at = rows * hidden.shape[1] + cols - 1
+            scoring = hidden.flatten(0, 1).index_select(0, flat_at)  # [M, H]
         else:
             flat = torch.cat(
                 [out.last_hidden_state.flatten(0, 1) for out, _ in run_prefix_plan(decoder, plan)]
             )  # [sum R * W, H]
-            scoring = flat[plan.row_base[rows] + cols - 1 - plan.suffix_start[rows]]
+            flat_at = plan.row_base[rows] + cols - 1 - plan.suffix_start[rows]
+            scoring = flat.index_select(0, flat_at)  # [M, H]
         lp, ent = logprobs_from_hidden(
             scoring[None],
             head.weight,

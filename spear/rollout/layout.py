@@ -24,6 +24,7 @@ env reward of that turn (undiscounted: the advantage stage discounts).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class ChatFormat:
         self.eot_ids = self.encode(self.eot_text)
         if not self.eot_ids:
             raise ChatTemplateError(f"end-of-turn marker {self.eot_text!r} encodes to no tokens")
+        self._prompts: dict[str, list[int]] = {}  # prompt_ids of messages rendered before
 
     def render(self, messages: Sequence[Message], *, generation_prompt: bool) -> str:
         text = self.tokenizer.apply_chat_template(
@@ -89,8 +91,14 @@ class ChatFormat:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The ids of ``messages`` followed by the generation prompt."""
-        return self.encode(self.render(messages, generation_prompt=True))
+        """The ids of ``messages`` followed by the generation prompt (a new list). Rendered and
+        encoded once per distinct message list: the rollouts of a group start from the same
+        messages, and a format lives for one rollout (:func:`~spear.rollout.loop.run_episodes`)."""
+        key = json.dumps(list(messages), sort_keys=True, default=repr)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = self._prompts[key] = self.encode(self.render(messages, generation_prompt=True))
+        return list(ids)
 
     def stop_token_ids(self) -> tuple[int, ...]:
         """Stop ids when the sampling params name none: the marker (if one token) and eos."""

@@ -12,6 +12,7 @@ from spear.models.prefix import (
     group_runs,
     plan_shared_prefix,
     run_prefix_plan,
+    select_rows,
     split_by_length,
     supports_prefix_sharing,
 )
@@ -260,3 +261,24 @@ def test_a_sliding_window_model_scores_with_the_plain_pass(monkeypatch) -> None:
     )
     lp, _ = policy.forward_logprobs(_episode_batch(), temperature=1.0, with_entropy=False)
     assert lp.abs().sum() > 0
+
+
+def test_select_rows_equals_batch_select_indices_in_values_and_gradients() -> None:
+    from transformers import DynamicCache
+
+    index = torch.tensor([0, 0, 2, 1, 2])
+    results = []
+    for select in (select_rows, lambda c, i: c.batch_select_indices(i)):
+        torch.manual_seed(0)
+        leaves = [torch.randn(3, 2, 4, 8, requires_grad=True) for _ in range(4)]
+        cache = DynamicCache(ddp_cache_data=[(leaves[0], leaves[1]), (leaves[2], leaves[3])])
+        select(cache, index)
+        states = [t for lay in cache.layers for t in (lay.keys, lay.values)]
+        weights = torch.arange(1.0, 1.0 + states[0].numel()).view_as(states[0])
+        sum((w * t).sum() for w, t in zip([weights] * 4, states)).backward()
+        results.append((states, [x.grad for x in leaves]))
+    (states, grads), (ref_states, ref_grads) = results
+    for a, b in zip([*states, *grads], [*ref_states, *ref_grads]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert states[0].shape == (5, 2, 4, 8)
+    assert torch.equal(grads[0][1], torch.arange(1.0, 1.0 + 64).view(2, 4, 8) + 3 * 64)

@@ -164,3 +164,23 @@ def test_observation_turn_prompt_and_registry() -> None:
     assert (
         message_text([{"role": "tool", "content": "a"}, {"role": "tool", "content": "b"}]) == "a\nb"
     )
+
+
+def test_prompt_ids_render_each_distinct_message_list_once(tokenizer, monkeypatch) -> None:
+    fmt = ChatFormat(tokenizer, [tool_schema(CalcTool())])
+    renders: list[int] = []
+    real = fmt.render
+    monkeypatch.setattr(fmt, "render", lambda m, **k: renders.append(1) or real(m, **k))
+    a = [{"role": "user", "content": "What is 2+3?"}]
+    b = [{"role": "user", "content": "What is 2+4?"}]
+    first = fmt.prompt_ids(a)
+    text = tokenizer.apply_chat_template(
+        a, tools=fmt.tools, add_generation_prompt=True, tokenize=False
+    )
+    assert first == tokenizer(text, add_special_tokens=False)["input_ids"]
+    again = fmt.prompt_ids([dict(m) for m in a])  # an equal list, not the same object
+    other = fmt.prompt_ids(b)
+    assert again == first and other != first
+    assert len(renders) == 2
+    again.append(0)  # each call returns its own list
+    assert fmt.prompt_ids(a) == first
