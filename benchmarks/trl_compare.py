@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
                 "PYTHONPATH": str(REPO),
                 "TRL_EXPERIMENTAL_SILENCE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
+                **dict(kv.split("=", 1) for kv in args.trl_env),
             },
         )
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in workers}
@@ -189,6 +190,11 @@ def main() -> None:
     p.add_argument(
         "--spear-override", action="append", default=[], metavar="KEY=VALUE",
         help="extra spear config override (repeatable), e.g. rollout.recompute_old_logprobs=false",
+    )  # fmt: skip
+    p.add_argument(
+        "--trl-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra environment variable of the TRL workers (repeatable), e.g. glibc's "
+        "MALLOC_MMAP_THRESHOLD_=33554432 to give TRL the allocator settings spear makes itself",
     )  # fmt: skip
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)

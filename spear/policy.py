@@ -42,6 +42,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# config fields with which a transformers causal LM changes its logits after the LM head, and
+# the value that changes nothing (Gemma 2 / 3 soft-capping, Cohere and Granite scaling)
+LOGIT_TRANSFORMS: dict[str, float | None] = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+}
+
+
+def logit_transform(config: Any) -> str | None:
+    """``"field=value"`` of the first :data:`LOGIT_TRANSFORMS` field ``config`` (or its text
+    config) sets to a value that changes the logits, else None."""
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(text, name, None)
+        if value is not None and value != neutral:
+            return f"{name}={value}"
+    return None
+
+
 def load_pretrained(path: str, tokenizer_path: str | None, dtype: str) -> tuple[nn.Module, Any]:
     """Load a Hugging Face causal LM and tokenizer from a local dir (or hub id if online)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,6 +76,14 @@ def load_pretrained(path: str, tokenizer_path: str | None, dtype: str) -> tuple[
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model.path={path!r}: {str(e).splitlines()[0]}") from None
+    transform = logit_transform(getattr(model, "config", None))
+    if transform is not None:
+        raise ModelLoadError(
+            f"model.path={path!r}: its config sets {transform}, which its forward applies to the "
+            "logits; spear scores tokens from the LM head's weight without it, so training "
+            "log-probs would not be the model's. Models that rescale or soft-cap their logits "
+            "are not supported yet"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if getattr(tok, "chat_template", None) is None:

@@ -60,3 +60,27 @@ def test_prefix_order_puts_rows_of_one_prompt_together_shortest_first() -> None:
     assert prefix_order(ids, attn, loss).tolist() == [1, 2, 0, 3]  # all one prefix: by length
     loss[:, 2] = 0.0  # now the prompts are [1, 2, x]: prefixes [1, 2] / [1, 3]
     assert prefix_order(ids, attn, loss).tolist() == [2, 0, 1, 3]
+
+
+def test_models_that_transform_their_logits_are_named_and_refused(tmp_path) -> None:
+    import pytest
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig
+
+    from spear.policy import ModelLoadError, load_pretrained, logit_transform
+    from tests.rollout.conftest import build_tokenizer
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    assert logit_transform(LlamaConfig(**small)) is None
+    assert logit_transform(GraniteConfig(**small)) is None  # logits_scaling 1.0: no change
+    assert logit_transform(GraniteConfig(**small, logits_scaling=8.0)) == "logits_scaling=8.0"
+    assert logit_transform(CohereConfig(**small)) == "logit_scale=0.0625"
+    assert logit_transform(Gemma2Config(**small)) == "final_logit_softcapping=30.0"
+    assert logit_transform(Gemma2Config(**small, final_logit_softcapping=None)) is None
+
+    from transformers import Gemma2ForCausalLM
+
+    Gemma2ForCausalLM(Gemma2Config(**small)).save_pretrained(tmp_path / "gemma")
+    build_tokenizer().save_pretrained(tmp_path / "gemma")
+    with pytest.raises(ModelLoadError, match=r"final_logit_softcapping=30\.0"):
+        load_pretrained(str(tmp_path / "gemma"), None, "float32")
