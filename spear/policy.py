@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,25 +43,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# config fields with which a transformers causal LM changes its logits after the LM head, and
-# the value that changes nothing (Gemma 2 / 3 soft-capping, Cohere and Granite scaling)
-LOGIT_TRANSFORMS: dict[str, float | None] = {
-    "final_logit_softcapping": None,
-    "logit_scale": 1.0,
-    "logits_scaling": 1.0,
+def _softcap(cap: float) -> Callable[[Tensor], Tensor]:
+    return lambda logits: torch.tanh(logits / cap) * cap
+
+
+def _times(scale: float) -> Callable[[Tensor], Tensor]:
+    return lambda logits: logits * scale
+
+
+def _over(scale: float) -> Callable[[Tensor], Tensor]:
+    return lambda logits: logits / scale
+
+
+# Config fields with which a transformers causal LM changes its logits after the LM head, as
+# its ``forward`` does (Gemma 2 soft-capping, Cohere and Granite scaling): (the value that
+# changes nothing, the transform of a value).
+LOGIT_TRANSFORMS: dict[str, tuple[float | None, Callable[[float], Callable[[Tensor], Tensor]]]] = {
+    "final_logit_softcapping": (None, _softcap),
+    "logit_scale": (1.0, _times),
+    "logits_scaling": (1.0, _over),
 }
 
 
-def logit_transform(config: Any) -> str | None:
-    """``"field=value"`` of the first :data:`LOGIT_TRANSFORMS` field ``config`` (or its text
-    config) sets to a value that changes the logits, else None."""
+def logit_transform(config: Any) -> tuple[str, Callable[[Tensor], Tensor]] | None:
+    """``("field=value", transform)`` of the first :data:`LOGIT_TRANSFORMS` field that
+    ``config`` (or its text config) sets to a value that changes the logits, else None."""
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name, neutral in LOGIT_TRANSFORMS.items():
+    for name, (neutral, make) in LOGIT_TRANSFORMS.items():
         value = getattr(text, name, None)
-        if value is not None and value != neutral:
-            return f"{name}={value}"
+        if isinstance(value, int | float) and value != neutral:
+            return f"{name}={value}", make(float(value))
     return None
 
 
@@ -78,12 +92,7 @@ def load_pretrained(path: str, tokenizer_path: str | None, dtype: str) -> tuple[
         raise ModelLoadError(f"cannot load model.path={path!r}: {str(e).splitlines()[0]}") from None
     transform = logit_transform(getattr(model, "config", None))
     if transform is not None:
-        raise ModelLoadError(
-            f"model.path={path!r}: its config sets {transform}, which its forward applies to the "
-            "logits; spear scores tokens from the LM head's weight without it, so training "
-            "log-probs would not be the model's. Models that rescale or soft-cap their logits "
-            "are not supported yet"
-        )
+        log.info("model.path=%r sets %s: training log-probs apply it too", path, transform[0])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if getattr(tok, "chat_template", None) is None:
@@ -180,6 +189,13 @@ class Policy:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return base.get_decoder(), base.get_output_embeddings()
 
+    def _logit_fn(self) -> Callable[[Tensor], Tensor] | None:
+        """What the model's forward does to the LM head's logits (:func:`logit_transform`)."""
+        model: Any = self.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        transform = logit_transform(getattr(base, "config", None))
+        return None if transform is None else transform[1]
+
     def _shares_prefix(self, decoder: nn.Module) -> bool:
         """Prefix sharing is on and possible: the model's layers are all full attention
         (:func:`~spear.models.prefix.supports_prefix_sharing`), and no activation checkpointing
@@ -232,6 +248,7 @@ class Policy:
             temperature=temperature,
             chunk_size=LOGPROB_CHUNK,
             with_entropy=with_entropy,
+            logit_fn=self._logit_fn(),
         )
         shape = batch.input_ids.shape
         if rows.numel() == 0:  # nothing to score: zeros that still depend on the model

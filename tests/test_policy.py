@@ -1,5 +1,6 @@
 """Policy log-probs: micro-batching by length returns every row's values in row order."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,25 +63,61 @@ def test_prefix_order_puts_rows_of_one_prompt_together_shortest_first() -> None:
     assert prefix_order(ids, attn, loss).tolist() == [2, 0, 1, 3]
 
 
-def test_models_that_transform_their_logits_are_named_and_refused(tmp_path) -> None:
-    import pytest
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=2, head_dim=8)  # fmt: skip
+
+
+def test_logit_transforms_are_read_off_the_config() -> None:
     from transformers import CohereConfig, Gemma2Config, GraniteConfig
 
-    from spear.policy import ModelLoadError, load_pretrained, logit_transform
-    from tests.rollout.conftest import build_tokenizer
+    from spear.policy import logit_transform
 
-    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                 num_attention_heads=2, num_key_value_heads=2, head_dim=8)  # fmt: skip
-    assert logit_transform(LlamaConfig(**small)) is None
-    assert logit_transform(GraniteConfig(**small)) is None  # logits_scaling 1.0: no change
-    assert logit_transform(GraniteConfig(**small, logits_scaling=8.0)) == "logits_scaling=8.0"
-    assert logit_transform(CohereConfig(**small)) == "logit_scale=0.0625"
-    assert logit_transform(Gemma2Config(**small)) == "final_logit_softcapping=30.0"
-    assert logit_transform(Gemma2Config(**small, final_logit_softcapping=None)) is None
+    def name(cfg):
+        found = logit_transform(cfg)
+        return None if found is None else found[0]
 
-    from transformers import Gemma2ForCausalLM
+    assert name(LlamaConfig(**SMALL)) is None
+    assert name(GraniteConfig(**SMALL)) is None  # logits_scaling 1.0: no change
+    assert name(GraniteConfig(**SMALL, logits_scaling=8.0)) == "logits_scaling=8.0"
+    assert name(CohereConfig(**SMALL)) == "logit_scale=0.0625"
+    assert name(Gemma2Config(**SMALL)) == "final_logit_softcapping=30.0"
+    assert name(Gemma2Config(**SMALL, final_logit_softcapping=None)) is None
+    _, softcap = logit_transform(Gemma2Config(**SMALL, final_logit_softcapping=2.0))
+    x = torch.tensor([-4.0, 0.0, 1.0, 100.0])
+    torch.testing.assert_close(softcap(x), 2.0 * torch.tanh(x / 2.0))  # [-1.928, 0, 0.924, 2]
 
-    Gemma2ForCausalLM(Gemma2Config(**small)).save_pretrained(tmp_path / "gemma")
-    build_tokenizer().save_pretrained(tmp_path / "gemma")
-    with pytest.raises(ModelLoadError, match=r"final_logit_softcapping=30\.0"):
-        load_pretrained(str(tmp_path / "gemma"), None, "float32")
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        ("Gemma2", {"final_logit_softcapping": 0.05}),  # small cap: tanh bites on random logits
+        ("Cohere", {"logit_scale": 4.0}),
+        ("Granite", {"logits_scaling": 0.25}),
+    ],
+)
+def test_training_logprobs_equal_the_models_own_logits(arch) -> None:
+    import transformers
+
+    name, extra = arch
+    cfg = getattr(transformers, f"{name}Config")(**SMALL, **extra)
+    torch.manual_seed(0)
+    lm = getattr(transformers, f"{name}ForCausalLM")(cfg).float().eval()
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    policy = Policy(
+        lm, None, torch.device("cpu"), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+    batch = _batch([9, 6, 12])
+    lp, ent = policy.forward_logprobs(batch, temperature=1.0, with_entropy=True)
+    with torch.no_grad():
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    ref = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t scores token t + 1
+    want = ref.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    want_ent = -(ref.exp() * ref).sum(-1)
+    m = batch.loss_mask[:, 1:] > 0
+    torch.testing.assert_close(lp[:, 1:][m], want[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[:, 1:][m], want_ent[m], atol=1e-5, rtol=0)
+    # without the transform the values would differ: the test sees it
+    raw = torch.log_softmax(lm.lm_head(lm.model(input_ids=batch.input_ids).last_hidden_state), -1)
+    assert (raw[:, :-1].gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) - want)[
+        m
+    ].abs().max() > 1e-2

@@ -135,13 +135,15 @@ def logprobs_from_hidden(
     temperature: float,
     chunk_size: int,
     with_entropy: bool,
+    logit_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Like :func:`token_logprobs_and_entropy`, from final hidden states ``hidden [N, T, H]``.
 
     ``lm_head`` is the output projection: an ``nn.Linear`` (weight ``[V, H]``, optional bias) or
     its weight tensor ``[V, H]``. Each chunk is projected to logits (in the model's dtype, like
-    the model's own head), upcast to float32 and reduced; gradients flow to ``hidden`` and to the
-    head's parameters.
+    the model's own head), passed through ``logit_fn`` if given (what a model's forward does to
+    its head's logits: soft-capping, scaling), upcast to float32 and reduced; gradients flow to
+    ``hidden`` and to the head's parameters.
     """
     _check(temperature, chunk_size)
     if hidden.dim() != 3:
@@ -157,7 +159,9 @@ def logprobs_from_hidden(
     n, t, h = hidden.shape
 
     def fn(hc: Tensor, tg: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        return logprobs_entropy_of_logits(F.linear(hc, w, b), tg, temperature, with_entropy)
+        logits = F.linear(hc, w, b)  # [C, V]
+        logits = logits if logit_fn is None else logit_fn(logits)
+        return logprobs_entropy_of_logits(logits, tg, temperature, with_entropy)
 
     lp, ent = _run_chunks(
         fn,
