@@ -184,16 +184,17 @@ class Policy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _decoder_and_head(self) -> tuple[Any, Any]:
+    def _base(self) -> Any:
         model: Any = self.model  # a transformers PreTrainedModel, possibly wrapped by peft
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _decoder_and_head(self) -> tuple[Any, Any]:
+        base = self._base()
         return base.get_decoder(), base.get_output_embeddings()
 
     def _logit_fn(self) -> Callable[[Tensor], Tensor] | None:
         """What the model's forward does to the LM head's logits (:func:`logit_transform`)."""
-        model: Any = self.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        transform = logit_transform(getattr(base, "config", None))
+        transform = logit_transform(getattr(self._base(), "config", None))
         return None if transform is None else transform[1]
 
     def _shares_prefix(self, decoder: nn.Module) -> bool:
