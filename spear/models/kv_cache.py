@@ -58,6 +58,30 @@ class GrowingLayer(DynamicLayer):
             self.keys = self._kbuf[:, :, : self._length]
             self.values = self._vbuf[:, :, : self._length]
 
+    def gather_rows(self, rows: Tensor, capacity: int) -> GrowingLayer:
+        """A new layer holding rows ``rows [R]`` of this one's filled columns, in zeroed buffers
+        of ``capacity`` columns (this layer is left as it is)."""
+        assert self._kbuf is not None and self._vbuf is not None
+        n, k, v = self._length, self._kbuf, self._vbuf
+        kbuf = k.new_zeros((len(rows), k.shape[1], capacity, k.shape[3]))
+        vbuf = v.new_zeros((len(rows), v.shape[1], capacity, v.shape[3]))
+        kbuf[:, :, :n] = k[:, :, :n].index_select(0, rows)
+        vbuf[:, :, :n] = v[:, :, :n].index_select(0, rows)
+        return GrowingLayer.holding(kbuf, vbuf, n)
+
+    def put_rows(self, rows: Tensor, src: GrowingLayer, start: int, end: int) -> None:
+        """Write columns ``[start, end)`` of ``src`` (its row ``i`` to row ``rows[i]``) into this
+        layer, which is then filled up to column ``end`` (the other rows' columns there stay as
+        they are: holes of their attention masks)."""
+        assert self._kbuf is not None and self._vbuf is not None
+        assert src._kbuf is not None and src._vbuf is not None
+        if end > self._kbuf.shape[2]:
+            raise ValueError(f"columns up to {end} do not fit a capacity of {self._kbuf.shape[2]}")
+        self._kbuf[rows, :, start:end] = src._kbuf[:, :, start:end]
+        self._vbuf[rows, :, start:end] = src._vbuf[:, :, start:end]
+        self._length = end
+        self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+
     @classmethod
     def holding(cls, kbuf: Tensor, vbuf: Tensor, length: int) -> GrowingLayer:
         """A layer whose buffers are ``kbuf`` / ``vbuf`` ``[B, H, capacity, D]``, of which the

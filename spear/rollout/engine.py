@@ -30,7 +30,7 @@ from spear.models.prefix import (
     run_prefix_plan,
     supports_prefix_sharing,
 )
-from spear.rollout.turn_cache import TurnCache
+from spear.rollout.turn_cache import TurnCache, run_continuation
 
 log = logging.getLogger(__name__)
 
@@ -391,14 +391,7 @@ class HFEngine:
         call may continue (None: none)."""
         cont = None if turns is None else turns.continue_rows(prompts, self.pad_id, self.device)
         if cont is not None:
-            out = self.model(
-                input_ids=cont.ids,
-                attention_mask=cont.mask,
-                position_ids=cont.positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_kwarg(self.model): cont.cache},
-            )
+            out = run_continuation(self.model, cont, logits_to_keep=1)
             return cache_of(out), cont.mask, cont.next_pos, out.logits[:, -1, :].float()
         seqs = [list(p) for p in prompts]
         plan = (

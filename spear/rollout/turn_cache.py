@@ -7,7 +7,14 @@ values of everything but the last sampled token while sampling. :class:`TurnCach
 every row of a call, its cache (the batch's buffers, by reference: dropping a finished row copies
 nothing extra) and the token sequence those keys belong to. When every prompt of the next call
 continues a kept sequence, :meth:`TurnCache.continue_rows` gathers the rows' kept columns into
-one cache and only the new tokens are run.
+one cache and only the new tokens are run (:func:`run_continuation`).
+
+The new parts are ragged: most rows add the last sampled token and a short observation, a few a
+long one (an error message). Padded to the longest, one call would run mostly padding, so the
+new columns (right-aligned, every row's last token in the last column) are cut into stages by
+depth from the right (:func:`ragged_stages`): the leftmost stage runs only the rows long enough
+to reach into it, each next stage the rows reaching into its columns, the last one every row;
+each stage writes its rows' keys into the one cache the next stages and the sampler read.
 
 The kept keys equal a fresh prefill's up to float rounding: same weights (checked by the
 parameters' storage and version counters, so an optimizer step or a weight load drops the
@@ -27,6 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from spear.models.kv_cache import SPARE, GrowingLayer, growing_cache
+from spear.models.prefix import TAIL_CALL_COST, cache_kwarg
+
+MAX_STAGES = 3  # calls a continuation prefill is cut into at most (ragged_stages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +50,97 @@ class _Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class LeadStage:
+    """A call run before a continuation's last one: new columns ``[start, end)`` of rows ``rows``
+    (the rows whose new tokens reach into them)."""
+
+    rows: Tensor  # [R] long
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class Continuation:
-    """A prefill of only the new tokens of rows that continue kept rows (``N`` rows)."""
+    """A prefill of only the new tokens of rows that continue kept rows (``N`` rows): the
+    ``leads`` in order, then new columns ``[main_start, S)`` of every row (:func:`run_continuation`)."""
 
     cache: Any  # a growing cache of ``C`` kept columns per row
     ids: Tensor  # [N, S] long: each row's new tokens, left-padded
     mask: Tensor  # [N, C + S] long: attention mask over kept columns and new tokens
     positions: Tensor  # [N, S] long
     next_pos: Tensor  # [N] long: position of the first sampled token
+    leads: tuple[LeadStage, ...] = ()
+    main_start: int = 0  # new columns before it are run by the leads (or are padding)
+
+
+def ragged_stages(lengths: Sequence[int], max_stages: int = MAX_STAGES) -> list[int]:
+    """Depths ``t_1 < ... < t_k = max(lengths)`` (``k <= max_stages``) that cut right-aligned
+    rows of ``lengths`` into calls: call ``j`` runs the columns at depths ``(t_{j-1}, t_j]``
+    from the right (``t_0 = 0``) for the rows longer than ``t_{j-1}``. Chosen by dynamic
+    programming to run the fewest positions, with :data:`~spear.models.prefix.TAIL_CALL_COST`
+    per extra call; ``[max(lengths)]`` is one call padded to the longest row."""
+    cands = [0, *sorted(set(lengths))]
+    longer = [sum(1 for x in lengths if x > t) for t in cands]  # rows reaching past depth t
+    inf = float("inf")
+    # best[k][b]: cheapest cover of depths (0, cands[b]] by k calls; cut: where the last began
+    best = [[inf] * len(cands) for _ in range(max_stages + 1)]
+    cut = [[0] * len(cands) for _ in range(max_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, max_stages + 1):
+        for b in range(1, len(cands)):
+            for a in range(b):
+                c = best[k - 1][a] + longer[a] * (cands[b] - cands[a]) + TAIL_CALL_COST
+                if c < best[k][b]:
+                    best[k][b], cut[k][b] = c, a
+    last = len(cands) - 1
+    k = min(range(1, max_stages + 1), key=lambda m: best[m][last])
+    depths, b = [], last
+    while b > 0:
+        depths.append(cands[b])
+        b, k = cut[k][b], k - 1
+    return depths[::-1]
+
+
+def _stages(lengths: list[int], width: int, device: torch.device) -> tuple[list[LeadStage], int]:
+    """The lead stages of new parts ``lengths`` right-aligned in ``width`` columns, deepest
+    first, and the column where the last call starts."""
+    depths = ragged_stages(lengths)
+    leads = []
+    for shallow, deep in zip(depths[-2::-1], depths[:0:-1]):  # (t_{j-1}, t_j], deepest first
+        rows = [i for i, x in enumerate(lengths) if x > shallow]
+        leads.append(LeadStage(torch.as_tensor(rows, device=device), width - deep, width - shallow))
+    return leads, width - depths[0]
+
+
+def run_continuation(model: nn.Module, cont: Continuation, **last: Any) -> Any:
+    """Run ``cont``'s new tokens through ``model`` on top of the kept columns: each lead stage
+    on its rows' own copy of the cache, its keys then written into ``cont.cache``; then the last
+    call over every row, whose output (``last``: extra arguments, e.g. ``logits_to_keep=1``)
+    is returned, its cache holding every row's columns."""
+    kwarg = cache_kwarg(model)
+    kept = cont.mask.shape[1] - cont.ids.shape[1]
+    for st in cont.leads:
+        end = kept + st.end
+        sub = growing_cache([lay.gather_rows(st.rows, end) for lay in cont.cache.layers])
+        model(
+            input_ids=cont.ids[st.rows, st.start : st.end],
+            attention_mask=cont.mask[st.rows, :end],
+            position_ids=cont.positions[st.rows, st.start : st.end],
+            use_cache=True,
+            logits_to_keep=1,
+            **{kwarg: sub},
+        )
+        for lay, part in zip(cont.cache.layers, sub.layers):
+            lay.put_rows(st.rows, part, kept + st.start, end)
+    s = cont.main_start
+    return model(
+        input_ids=cont.ids[:, s:],
+        attention_mask=cont.mask,
+        position_ids=cont.positions[:, s:],
+        use_cache=True,
+        **{kwarg: cont.cache},
+        **last,
+    )
 
 
 @dataclass(slots=True)
@@ -149,12 +242,15 @@ class TurnCache:
             ids[i, new - len(s) :] = torch.as_tensor(s, dtype=torch.long)
             positions[i, new - len(s) :] = torch.arange(k, k + len(s))
             mask[i, width + new - len(s) :] = 1
+        leads, main_start = _stages([len(s) for s in suffixes], new, device)
         return Continuation(
             growing_cache(layers),
             ids.to(device),
             mask,
             positions.to(device),
             torch.as_tensor([len(p) for p in prompts], dtype=torch.long, device=device),
+            tuple(leads),
+            main_start,
         )
 
     def _gather(

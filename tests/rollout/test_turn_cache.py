@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import spear.rollout.engine as engine_module
+import spear.rollout.turn_cache as turn_cache_module
 from spear.rollout.engine import HFEngine, KeepsTurns
-from spear.rollout.turn_cache import Continuation, TurnCache, weights_version
+from spear.rollout.turn_cache import Continuation, TurnCache, ragged_stages, weights_version
 from tests.rollout.conftest import EnvScript, sampling
 from tests.rollout.test_engine import _forward_logprobs, _prompts, _with_system
 from tests.rollout.test_loop import loop_params, run
@@ -29,13 +30,22 @@ def _spy(monkeypatch) -> list[Continuation | None]:
     return seen
 
 
-def _two_turns(engine: HFEngine, tokenizer, first_budgets: list[int], seed: int = 2):
+def _two_turns(
+    engine: HFEngine,
+    tokenizer,
+    first_budgets: list[int],
+    seed: int = 2,
+    observations: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
+):
     prompts = [p for p in _with_system(tokenizer, _prompts(tokenizer)) for _ in range(2)]
     params = sampling(9, stop_token_ids=(-1,))  # rows run their whole budget
     gen = torch.Generator().manual_seed(seed)
     first = engine.generate(prompts, params, generator=gen, max_new_tokens=first_budgets)
     # the next turn: the conversation so far plus an observation of a different length per row
-    nxt = [p + g.token_ids + [7 + i] * (1 + i) for i, (p, g) in enumerate(zip(prompts, first))]
+    nxt = [
+        p + g.token_ids + [7 + i] * n
+        for i, (p, g, n) in enumerate(zip(prompts, first, observations, strict=True))
+    ]
     second = engine.generate(nxt, params, generator=gen, max_new_tokens=[6, 3, 5, 2, 4, 6])
     return nxt, second
 
@@ -55,6 +65,48 @@ def test_next_turn_continues_kept_rows_and_samples_what_a_fresh_prefill_samples(
     _, fresh = _two_turns(HFEngine(model, tokenizer, keep_turns=False), tokenizer, budgets)
     assert [g.token_ids for g in kept] == [g.token_ids for g in fresh]
     for a, b, prompt in zip(kept, fresh, nxt):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        ref = _forward_logprobs(model, prompt, a.token_ids, temperature=1.0)
+        assert torch.allclose(torch.tensor(a.logprobs), ref, atol=1e-5)
+
+
+def test_ragged_stages_cut_where_the_fewest_positions_run() -> None:
+    # Costs with 64 positions per extra call. Ten rows of 2 new tokens and one of 100: one call
+    # runs 11 x 100 = 1100 positions; two calls 11 x 2 + 1 x 98 + 64 = 184.
+    assert ragged_stages([2] * 10 + [100]) == [2, 100]
+    assert ragged_stages([7, 7, 7]) == [7]
+    assert ragged_stages([1, 2]) == [2]  # 2 x 2 = 4 against 2 + 1 + 64
+    # 50 x 1, 10 x 20, 1 x 200: [1, 20, 200] runs 61 + 11 x 19 + 180 = 450 (+128); [20, 200]
+    # 61 x 20 + 180 = 1400 (+64); [1, 200] 61 + 11 x 199 = 2250 (+64); one call 61 x 200.
+    lengths = [1] * 50 + [20] * 10 + [200]
+    assert ragged_stages(lengths) == [1, 20, 200]
+    assert ragged_stages(lengths, max_stages=2) == [20, 200]
+    assert ragged_stages(lengths, max_stages=1) == [200]
+
+
+def test_ragged_new_parts_run_in_stages_and_sample_what_a_fresh_prefill_samples(
+    model, tokenizer, monkeypatch
+) -> None:
+    # With no cost per call, new parts of 2, 2, 4, 4, 2, 13 tokens (the last sampled token plus
+    # the observation) run in three stages: depths (4, 13] (new columns 0-8) for the row of 13,
+    # (2, 4] (columns 9-10) for the rows of 4 and 13, then the last two columns for every row.
+    monkeypatch.setattr(turn_cache_module, "TAIL_CALL_COST", 0)
+    seen = _spy(monkeypatch)
+    obs = (1, 1, 3, 3, 1, 12)
+    budgets = [9, 2, 5, 1, 7, 3]
+    nxt, staged = _two_turns(HFEngine(model, tokenizer), tokenizer, budgets, observations=obs)
+    cont = seen[1]
+    assert cont is not None and cont.ids.shape == (6, 13)
+    new = cont.mask[:, -13:].sum(dim=1).tolist()  # batch rows are in prompt-length order
+    assert sorted(new) == [2, 2, 2, 4, 4, 13]
+    deep, mid = [i for i, n in enumerate(new) if n > 4], [i for i, n in enumerate(new) if n > 2]
+    leads = [(st.rows.tolist(), st.start, st.end) for st in cont.leads]
+    assert leads == [(deep, 0, 9), (mid, 9, 11)] and cont.main_start == 11
+    _, fresh = _two_turns(
+        HFEngine(model, tokenizer, keep_turns=False), tokenizer, budgets, observations=obs
+    )
+    assert [g.token_ids for g in staged] == [g.token_ids for g in fresh]
+    for a, b, prompt in zip(staged, fresh, nxt):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
         ref = _forward_logprobs(model, prompt, a.token_ids, temperature=1.0)
         assert torch.allclose(torch.tensor(a.logprobs), ref, atol=1e-5)
