@@ -235,14 +235,14 @@ class TurnCache:
         new = max(len(s) for s in suffixes)
         n = len(prompts)
         mask = torch.zeros((n, width + new), dtype=torch.long, device=device)
-        layers = self._gather(found, width, width + new + SPARE, mask)
+        leads, main_start = _stages([len(s) for s in suffixes], new, device)
+        layers = self._gather(found, width, width + main_start, width + new + SPARE, mask)
         ids = torch.full((n, new), pad_id, dtype=torch.long)
         positions = torch.zeros((n, new), dtype=torch.long)
         for i, (s, (_, _, k)) in enumerate(zip(suffixes, found)):
             ids[i, new - len(s) :] = torch.as_tensor(s, dtype=torch.long)
             positions[i, new - len(s) :] = torch.arange(k, k + len(s))
             mask[i, width + new - len(s) :] = 1
-        leads, main_start = _stages([len(s) for s in suffixes], new, device)
         return Continuation(
             growing_cache(layers),
             ids.to(device),
@@ -254,17 +254,27 @@ class TurnCache:
         )
 
     def _gather(
-        self, found: list[tuple[int, int, int]], width: int, capacity: int, mask: Tensor
+        self,
+        found: list[tuple[int, int, int]],
+        width: int,
+        leads_end: int,
+        capacity: int,
+        mask: Tensor,
     ) -> list[GrowingLayer]:
-        """Copy the found rows' kept columns into new buffers; fill ``mask[:, :width]``."""
+        """Copy the found rows' kept columns into new buffers; fill ``mask[:, :width]``. Columns
+        a row's copy or the calls leave unwritten below ``leads_end`` (its holes: a narrower
+        chunk's, the lead stages' of other rows) are zeroed: attention reads them, masked, and
+        a masked NaN would still spread; later columns are written before anything reads them."""
         chunks = self._kept.chunks
         first = chunks[found[0][0]]
         layers = []
         for li in range(len(first.keys)):
             k0, v0 = first.keys[li], first.values[li]
             n, h, d, dv = len(found), k0.shape[1], k0.shape[3], v0.shape[3]
-            kbuf = k0.new_zeros((n, h, capacity, d))
-            vbuf = v0.new_zeros((n, h, capacity, dv))
+            kbuf = k0.new_empty((n, h, capacity, d))
+            vbuf = v0.new_empty((n, h, capacity, dv))
+            kbuf[:, :, width:leads_end] = 0
+            vbuf[:, :, width:leads_end] = 0
             layers.append(GrowingLayer.holding(kbuf, vbuf, width))
         by_chunk: dict[int, tuple[list[int], list[int]]] = {}
         for i, (c, r, _) in enumerate(found):
@@ -280,6 +290,9 @@ class TurnCache:
             batch_rows = chunk.rows[frm]
             for lay, k, v in zip(layers, chunk.keys, chunk.values):
                 assert lay._kbuf is not None and lay._vbuf is not None
-                lay._kbuf[to, :, :cols] = k[batch_rows, :, :cols]
-                lay._vbuf[to, :, :cols] = v[batch_rows, :, :cols]
+                lay._kbuf[to, :, :cols] = k[:, :, :cols].index_select(0, batch_rows)
+                lay._vbuf[to, :, :cols] = v[:, :, :cols].index_select(0, batch_rows)
+                if cols < width:
+                    lay._kbuf[to, :, cols:width] = 0
+                    lay._vbuf[to, :, cols:width] = 0
         return layers
