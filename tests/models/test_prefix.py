@@ -11,6 +11,7 @@ from spear.models.prefix import (
     cache_kwarg,
     group_runs,
     plan_shared_prefix,
+    rows_of,
     run_prefix_plan,
     select_rows,
     split_by_length,
@@ -282,3 +283,22 @@ def test_select_rows_equals_batch_select_indices_in_values_and_gradients() -> No
         assert a.shape == b.shape and torch.equal(a, b)
     assert states[0].shape == (5, 2, 4, 8)
     assert torch.equal(grads[0][1], torch.arange(1.0, 1.0 + 64).view(2, 4, 8) + 3 * 64)
+
+
+def test_rows_of_equals_index_select_with_a_gradient_sliced_from_a_cat() -> None:
+    # What a level's keys see in training: expanded to the rows, then concatenated with the next
+    # level's keys, so their gradient is a non-contiguous slice of the cat's.
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    grads = []
+    for select in (rows_of, lambda x, i: x.index_select(0, i)):
+        torch.manual_seed(0)
+        keys = torch.randn(3, 2, 5, 4, requires_grad=True)
+        rows = select(keys, index)
+        assert torch.equal(rows, keys.detach()[index])
+        full = torch.cat([rows, torch.randn(6, 2, 3, 4)], dim=2)  # [6, 2, 8, 4]
+        (full * torch.arange(full.numel()).view_as(full).sin()).sum().backward()
+        grads.append(keys.grad)
+    assert grads[0] is not None and grads[1] is not None
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+    with torch.no_grad():  # no graph: a plain index_select
+        assert not rows_of(torch.ones(2, 3, requires_grad=True), index[:2]).requires_grad
