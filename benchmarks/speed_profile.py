@@ -5,9 +5,13 @@ with py-spy (run this script under ``py-spy record``), see ``benchmarks/profile.
     py-spy record -r 50 --format raw -o benchmarks/results/speed/pyspy.txt -- \\
         python benchmarks/speed_profile.py --steps 3 --warmup 1 --no-torch-profiler
     python benchmarks/speed_profile.py --fold benchmarks/results/speed/pyspy.txt   # % tables
+    python benchmarks/speed_profile.py --trl-mode tools --by-shape --warmup 3 --steps 2 \
+        --out benchmarks/results/speed/torch_profile_shapes.txt
 
 The folded-stack summary (``--fold``) prints inclusive and self time per function for the
-samples inside ``Trainer.train_step``.
+samples inside ``Trainer.train_step``. ``--by-shape`` records input shapes and lists operators
+per shape (how the fifth round of ``profile.md`` found its slow copies); ``--trl-mode`` runs
+``trl_compare.py``'s settings of that mode.
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ def fold_summary(path: Path, within: str, top: int) -> str:
 
 def run_steps(args: argparse.Namespace) -> None:
     import torch
+    from trl_compare import EQUAL, MODES
 
     from spear.trainer import Trainer
 
-    cfg = build_config(args.method, args.set or [], args.cache_dir, 1)
+    mode = [*EQUAL, *MODES[args.trl_mode][0]] if args.trl_mode else []
+    cfg = build_config(args.method, [*mode, *(args.set or [])], args.cache_dir, 1)
     torch.set_num_threads(1)
     trainer = Trainer(cfg, Path(tempfile.mkdtemp()))
     for _ in range(args.warmup):
@@ -69,10 +75,13 @@ def run_steps(args: argparse.Namespace) -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             trainer.train_step()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    events = prof.key_averages(group_by_input_shape=args.by_shape)
+    table = events.table(
+        sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print(table)
@@ -92,6 +101,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--fold", type=Path, help="summarise a py-spy raw file instead of running")
     p.add_argument("--within", default="Trainer.train_step")
+    p.add_argument("--by-shape", action="store_true", help="operators per input shape")
+    p.add_argument("--trl-mode", choices=["single", "tools"], help="trl_compare.py's settings")
     args = p.parse_args()
     if args.fold:
         print(fold_summary(args.fold, args.within, args.top))
