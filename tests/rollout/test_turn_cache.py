@@ -92,6 +92,23 @@ def test_ragged_new_parts_run_in_stages_and_sample_what_a_fresh_prefill_samples(
     # (2, 4] (columns 9-10) for the rows of 4 and 13, then the last two columns for every row.
     monkeypatch.setattr(turn_cache_module, "TAIL_CALL_COST", 0)
     seen = _spy(monkeypatch)
+    lead_cols: list[
+        torch.Tensor
+    ] = []  # the leads' columns of every layer, as continue_rows left them
+    real = TurnCache.continue_rows
+
+    def snapshot(self: TurnCache, *a: Any, **k: Any) -> Continuation | None:
+        c = real(self, *a, **k)
+        if c is not None:
+            kept = c.mask.shape[1] - c.ids.shape[1]
+            lead_cols.extend(
+                buf[:, :, kept : kept + c.main_start].clone()
+                for lay in c.cache.layers
+                for buf in (lay._kbuf, lay._vbuf)
+            )
+        return c
+
+    monkeypatch.setattr(TurnCache, "continue_rows", snapshot)
     obs = (1, 1, 3, 3, 1, 12)
     budgets = [9, 2, 5, 1, 7, 3]
     nxt, staged = _two_turns(HFEngine(model, tokenizer), tokenizer, budgets, observations=obs)
@@ -102,6 +119,12 @@ def test_ragged_new_parts_run_in_stages_and_sample_what_a_fresh_prefill_samples(
     deep, mid = [i for i, n in enumerate(new) if n > 4], [i for i, n in enumerate(new) if n > 2]
     leads = [(st.rows.tolist(), st.start, st.end) for st in cont.leads]
     assert leads == [(deep, 0, 9), (mid, 9, 11)] and cont.main_start == 11
+    # Rows outside a lead never get keys in its columns: they are holes, and were zeroed
+    # (attention reads them, masked; memory left as allocated could hold a NaN).
+    shallow = [i for i in range(6) if i not in mid]
+    assert len(lead_cols) == 2 * len(cont.cache.layers)
+    for cols in lead_cols:
+        assert not cols[shallow].any() and not cols[[i for i in mid if i not in deep], :, :9].any()
     _, fresh = _two_turns(
         HFEngine(model, tokenizer, keep_turns=False), tokenizer, budgets, observations=obs
     )
