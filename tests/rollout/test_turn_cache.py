@@ -18,12 +18,15 @@ from tests.rollout.test_engine import _forward_logprobs, _prompts, _with_system
 from tests.rollout.test_loop import loop_params, run
 
 
-def _spy(monkeypatch) -> list[Continuation | None]:
+def _spy(monkeypatch, on_result: Any = None) -> list[Continuation | None]:
+    """Record what ``continue_rows`` returns; ``on_result(cont)`` sees it before it is run."""
     seen: list[Continuation | None] = []
     real = TurnCache.continue_rows
 
     def wrapped(self: TurnCache, *a: Any, **k: Any) -> Continuation | None:
         seen.append(real(self, *a, **k))
+        if on_result is not None and seen[-1] is not None:
+            on_result(seen[-1])
         return seen[-1]
 
     monkeypatch.setattr(TurnCache, "continue_rows", wrapped)
@@ -91,24 +94,17 @@ def test_ragged_new_parts_run_in_stages_and_sample_what_a_fresh_prefill_samples(
     # the observation) run in three stages: depths (4, 13] (new columns 0-8) for the row of 13,
     # (2, 4] (columns 9-10) for the rows of 4 and 13, then the last two columns for every row.
     monkeypatch.setattr(turn_cache_module, "TAIL_CALL_COST", 0)
-    seen = _spy(monkeypatch)
-    lead_cols: list[
-        torch.Tensor
-    ] = []  # the leads' columns of every layer, as continue_rows left them
-    real = TurnCache.continue_rows
+    lead_cols: list[torch.Tensor] = []  # the leads' columns of every layer, as left to run
 
-    def snapshot(self: TurnCache, *a: Any, **k: Any) -> Continuation | None:
-        c = real(self, *a, **k)
-        if c is not None:
-            kept = c.mask.shape[1] - c.ids.shape[1]
-            lead_cols.extend(
-                buf[:, :, kept : kept + c.main_start].clone()
-                for lay in c.cache.layers
-                for buf in (lay._kbuf, lay._vbuf)
-            )
-        return c
+    def snapshot(c: Continuation) -> None:
+        kept = c.mask.shape[1] - c.ids.shape[1]
+        lead_cols.extend(
+            buf[:, :, kept : kept + c.main_start].clone()
+            for lay in c.cache.layers
+            for buf in (lay._kbuf, lay._vbuf)
+        )
 
-    monkeypatch.setattr(TurnCache, "continue_rows", snapshot)
+    seen = _spy(monkeypatch, snapshot)
     obs = (1, 1, 3, 3, 1, 12)
     budgets = [9, 2, 5, 1, 7, 3]
     nxt, staged = _two_turns(HFEngine(model, tokenizer), tokenizer, budgets, observations=obs)
