@@ -21,12 +21,40 @@ from torch import Tensor
 
 from spear.algo.aggregation import AGGREGATIONS, AggregationNorm
 from spear.algo.kl import KL_ESTIMATORS
-from spear.algo.losses import POLICY_LOSSES, PolicyLossInput, PolicyLossParams
+from spear.algo.losses import POLICY_LOSSES, PolicyLossInput, PolicyLossParams, masked_mean
 from spear.policy import Policy, prefix_order
 from spear.types import TokenBatch
 
-# loss metrics that are counts, summed over micro-batches
+# How a logged metric of an update is combined over micro-batches (and data-parallel ranks,
+# mini-batches and epochs), so that it does not depend on how a mini-batch is split:
+# * MEAN (the default): a mean over one micro-batch's valid tokens (entropy, clip fractions,
+#   approx_kl): weighted by the micro-batch's valid-token count, divided by the total count.
+# * COUNT: a count (``cov_selected``): summed.
+# * STEP: a micro-batch's share of a mini-batch aggregate, normalised by the mini-batch's counts
+#   (``pg_loss``, ``kl``, ``loss``): summed over a mini-batch's micro-batches (and ranks), which
+#   gives the mini-batch's value, then averaged over the update's mini-batches (all epochs).
 COUNT_METRICS = frozenset({"cov_selected"})
+STEP_METRICS = frozenset({"pg_loss", "kl", "loss"})
+
+
+def metric_weight(name: str, num_tokens: Tensor) -> Tensor | float:
+    """What a micro-batch's metric ``name`` is multiplied by before it is summed (see above);
+    ``num_tokens`` is the micro-batch's valid-token count (0-dim)."""
+    return 1.0 if name in COUNT_METRICS or name in STEP_METRICS else num_tokens
+
+
+def finish_metrics(
+    sums: dict[str, Tensor], num_tokens: Tensor, num_mini_batches: int
+) -> dict[str, Tensor]:
+    """The update's metrics from their weighted sums (:func:`metric_weight`): MEAN sums divided
+    by the total valid-token count ``num_tokens`` (0-dim), STEP sums by the number of
+    mini-batches, COUNT sums as they are. Empty denominators count as 1."""
+    tokens = num_tokens.clamp(min=1)
+    steps = max(1, num_mini_batches)
+    return {
+        k: v if k in COUNT_METRICS else v / steps if k in STEP_METRICS else v / tokens
+        for k, v in sums.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -87,11 +115,10 @@ def _micro_loss(
     old_from_forward: bool,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, already scaled so that micro-batch losses sum to the mini-batch
-    loss, and its log-probs ``[n, t]`` (detached)."""
-    want_entropy = True  # entropy is always logged; it enters the loss only if entropy_coef != 0
-    lp, ent = policy.forward_logprobs(
-        micro, temperature=settings.temperature, with_entropy=want_entropy
-    )
+    loss, its log-probs ``[n, t]`` (detached) and its metrics (combined by
+    :func:`metric_weight` / :func:`finish_metrics`)."""
+    # entropy is always logged; it enters the loss only if entropy_coef != 0
+    lp, ent = policy.forward_logprobs(micro, temperature=settings.temperature, with_entropy=True)
     out = POLICY_LOSSES.get(settings.policy_loss)(
         PolicyLossInput(
             log_probs=lp,
@@ -105,9 +132,9 @@ def _micro_loss(
     aggregate = AGGREGATIONS.get(settings.aggregation)
     loss = aggregate(out.token_loss, micro.loss_mask, norm)
     metrics = {f"{k}": v.detach() for k, v in out.metrics.items()}
+    metrics["pg_loss"] = loss.detach()  # the policy term alone (verl's pg_loss)
     assert ent is not None
-    ent_mean = AGGREGATIONS.get("token-mean")(ent.detach(), micro.loss_mask, norm)
-    metrics["entropy"] = ent_mean
+    metrics["entropy"] = masked_mean(ent.detach(), micro.loss_mask)  # this micro-batch's mean
     if settings.entropy_coef:
         loss = loss - settings.entropy_coef * aggregate(ent, micro.loss_mask, norm)
     if settings.kl_coef and ref_logprobs is not None:
@@ -115,7 +142,7 @@ def _micro_loss(
         kl_term = aggregate(kl, micro.loss_mask, norm)
         loss = loss + settings.kl_coef * kl_term
         metrics["kl"] = kl_term.detach()
-    metrics["pg_loss"] = loss.detach()
+    metrics["loss"] = loss.detach()  # the whole objective: policy term, entropy bonus, KL
     return loss, lp.detach(), metrics
 
 
@@ -131,8 +158,9 @@ def policy_update(
 ) -> UpdateResult:
     """Run ``settings.epochs`` passes of mini-batch optimizer steps over ``batch``.
 
-    ``loss_scale`` multiplies the loss (the SIL weight lambda(t) for the replay pass). Metrics are
-    token-weighted means over micro-batches, kept as tensors (the caller syncs once per step).
+    ``loss_scale`` multiplies the loss (the SIL weight lambda(t) for the replay pass). Metrics
+    (unscaled) do not depend on the micro-batch split (:func:`finish_metrics`); they stay tensors
+    (the caller syncs once per step).
     ``old_from_forward`` (only for a :func:`single_step` update) ignores ``batch.old_logprobs``
     and uses the forward pass's own log-probs, returned in ``UpdateResult.old_logprobs``.
     """
@@ -170,9 +198,9 @@ def policy_update(
                 if olds is not None:
                     olds[rows[micro_rows], : lp.shape[1]] = lp.float()
                 total = total + loss.detach()
-                w = micro.loss_mask.sum()
-                for k, v in m.items():  # counts add up; means are token-weighted
-                    sums[k] = sums.get(k, zero) + v.float() * (1 if k in COUNT_METRICS else w)
+                w = (micro.loss_mask > 0).sum()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, zero) + v.float() * metric_weight(k, w)
                 weight_total = weight_total + w
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 policy.trainable_parameters, settings.grad_clip
@@ -185,11 +213,9 @@ def policy_update(
                 policy.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
             sums["grad_norm"] = sums.get("grad_norm", zero) + grad_norm.detach().float()
-    denom = weight_total.clamp(min=1)
-    metrics = {
-        k: v if k in COUNT_METRICS else v / denom for k, v in sums.items() if k != "grad_norm"
-    }
-    metrics["grad_norm"] = sums.get("grad_norm", zero) / max(1, steps + skipped)
+    grad_norm_sum = sums.pop("grad_norm", zero)
+    metrics = finish_metrics(sums, weight_total, steps + skipped)
+    metrics["grad_norm"] = grad_norm_sum / max(1, steps + skipped)
     return UpdateResult(
         metrics=metrics,
         optimizer_steps=steps,

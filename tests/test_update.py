@@ -9,7 +9,13 @@ import torch
 
 from spear.algo.losses import PolicyLossParams
 from spear.types import Sample, TokenBatch
-from spear.update import UpdateSettings, policy_update, single_step
+from spear.update import (
+    UpdateSettings,
+    finish_metrics,
+    metric_weight,
+    policy_update,
+    single_step,
+)
 from tests.test_policy import _policy
 
 
@@ -153,3 +159,84 @@ def test_micro_batches_hold_rows_that_share_a_prompt_and_the_update_is_unchanged
         result[share] = [p.detach().clone() for p in policy.model.parameters()]
     for a, b in zip(result[True], result[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _split_settings(micro: int, aggregation: str) -> UpdateSettings:
+    return dataclasses.replace(
+        _settings(loss="vanilla"), micro_batch_size=micro, aggregation=aggregation, kl_coef=0.1
+    )
+
+
+@pytest.mark.parametrize(
+    "aggregation",
+    ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+)
+def test_logged_metrics_do_not_depend_on_the_micro_batch_split(aggregation: str) -> None:
+    # one mini-batch of 6 rows split into micro-batches of 6 / 3 / 2 / 1 rows: the same gradient
+    # and the same logged metrics (before the fix entropy, pg_loss and kl were divided by the
+    # number of micro-batches: entropy 4.15 / 2.26 / 1.53 / 0.78 on the batch)
+    batch = _batch()
+    lp = _policy().batch_logprobs(batch, micro_batch_size=6, temperature=1.0)
+    noise = torch.randn(lp.shape, generator=torch.Generator().manual_seed(11))
+    batch = dataclasses.replace(batch, old_logprobs=(lp + 0.3 * noise) * batch.attention_mask)
+    ref = (lp - 0.2 * noise.abs()) * batch.attention_mask
+    # the entropy the update must log: the token mean over the batch before the step
+    with torch.no_grad():
+        _, ent = _policy().forward_logprobs(batch, temperature=1.0, with_entropy=True)
+    assert ent is not None
+    scored = batch.loss_mask > 0
+    want_entropy = float(ent[scored].mean())
+    results = {}
+    for micro in (6, 3, 2, 1):
+        policy = _policy()
+        res = policy_update(
+            policy, batch, _split_settings(micro, aggregation), torch.Generator().manual_seed(7),
+            ref_logprobs=ref,
+        )  # fmt: skip
+        results[micro] = (
+            {k: float(v) for k, v in res.metrics.items()},
+            list(policy.model.parameters()),
+        )
+    metrics, params = results[6]
+    assert {"entropy", "pg_loss", "kl", "loss", "clipfrac", "approx_kl"} <= metrics.keys()
+    assert metrics["entropy"] == pytest.approx(want_entropy, rel=1e-5)
+    assert metrics["kl"] > 0 and metrics["clipfrac"] > 0
+    assert metrics["loss"] == pytest.approx(
+        metrics["pg_loss"]
+        - 0.01 * _aggregated_entropy(ent, batch, aggregation)
+        + 0.1 * metrics["kl"],
+        rel=1e-5,
+    )
+    for micro in (3, 2, 1):
+        got, got_params = results[micro]
+        assert got.keys() == metrics.keys()
+        for k, v in metrics.items():
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (micro, k)
+        for a, b in zip(params, got_params):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def _aggregated_entropy(ent: torch.Tensor, batch: TokenBatch, aggregation: str) -> float:
+    from spear.algo.aggregation import AGGREGATIONS, AggregationNorm
+
+    norm = AggregationNorm.from_mask(batch.loss_mask, 16)
+    return float(AGGREGATIONS.get(aggregation)(ent, batch.loss_mask, norm))
+
+
+def test_finish_metrics_by_hand() -> None:
+    # two micro-batches of 3 and 1 valid tokens: entropy means 2.0 and 6.0 -> (3*2 + 1*6)/4 = 3;
+    # pg_loss shares 0.5 + 0.25 of mini-batch 1 and 1.25 of mini-batch 2 -> (0.75 + 1.25)/2 = 1;
+    # cov_selected counts 2 + 3 = 5
+    sums: dict[str, torch.Tensor] = {}
+    for name, value, tokens in [
+        ("entropy", 2.0, 3), ("entropy", 6.0, 1), ("pg_loss", 0.5, 3), ("pg_loss", 0.25, 1),
+        ("pg_loss", 1.25, 2), ("cov_selected", 2.0, 3), ("cov_selected", 3.0, 1),
+    ]:  # fmt: skip
+        w = metric_weight(name, torch.tensor(tokens))
+        sums[name] = sums.get(name, torch.zeros(())) + torch.tensor(value) * w
+    got = finish_metrics(sums, torch.tensor(4.0), num_mini_batches=2)
+    assert {k: float(v) for k, v in got.items()} == {
+        "entropy": 3.0,
+        "pg_loss": 1.0,
+        "cov_selected": 5.0,
+    }

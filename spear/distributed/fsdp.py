@@ -40,12 +40,13 @@ from spear.algo.aggregation import AggregationNorm
 from spear.policy import Policy
 from spear.types import TokenBatch
 from spear.update import (
-    COUNT_METRICS,
     UpdateResult,
     UpdateSettings,
     _micro_loss,
     _mini_batches,
+    finish_metrics,
     grouped_rows,
+    metric_weight,
 )
 
 log = logging.getLogger(__name__)
@@ -277,16 +278,17 @@ def _agreed_mini_batches(n: int, size: int, generator: torch.Generator, group: A
 
 @dataclasses.dataclass
 class _MetricSums:
-    """``policy_update``'s metric rule, summed locally and all-reduced once at the end."""
+    """``policy_update``'s metric rule (:func:`~spear.update.metric_weight`), summed locally and
+    all-reduced once at the end."""
 
     sums: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     weight: Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     grad_norm: float = 0.0
 
-    def add(self, metrics: dict[str, Tensor], weight: Tensor) -> None:
-        w = weight.detach().double().cpu()
+    def add(self, metrics: dict[str, Tensor], num_tokens: Tensor) -> None:
+        w = num_tokens.detach().double().cpu()
         for k, v in metrics.items():
-            scaled = v.detach().double().cpu() * (1 if k in COUNT_METRICS else w)
+            scaled = v.detach().double().cpu() * metric_weight(k, w)
             self.sums[k] = self.sums.get(k, torch.zeros((), dtype=torch.float64)) + scaled
         self.weight = self.weight + w
 
@@ -295,10 +297,9 @@ class _MetricSums:
         packed = torch.stack([self.sums[k] for k in keys] + [self.weight]).to(_comm_device(group))
         dist.all_reduce(packed, group=group)  # [K + 1]
         packed = packed.cpu()
-        denom = packed[-1].clamp(min=1)
+        summed = {k: packed[i] for i, k in enumerate(keys)}
         metrics = {
-            k: (packed[i] if k in COUNT_METRICS else packed[i] / denom).float()
-            for i, k in enumerate(keys)
+            k: v.float() for k, v in finish_metrics(summed, packed[-1], steps + skipped).items()
         }
         metrics["grad_norm"] = torch.tensor(self.grad_norm / max(1, steps + skipped))
         return UpdateResult(metrics=metrics, optimizer_steps=steps, skipped_steps=skipped)
@@ -336,7 +337,7 @@ def _dp_optimizer_step(
         loss, _, metrics = _micro_loss(policy, micro, settings, norm, generator, ref, False)
         (loss * loss_scale).backward()
         total = total + loss.detach()
-        acc.add(metrics, micro.loss_mask.sum())
+        acc.add(metrics, (micro.loss_mask > 0).sum())
     grad_norm = _full(
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters, settings.grad_clip)
     )

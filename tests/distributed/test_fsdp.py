@@ -308,13 +308,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
         want, want_metrics = _reference(case, batch)
         got = torch.load(tmp_path / f"case{i}.pt")
         _assert_same(got["state"], want, atol=1e-5)
-        # token-weighted means of per-micro-batch means do not depend on the split; pg_loss and
-        # entropy do under policy_update's current metric rule (reported to the lead), so only
-        # the split-independent metrics are compared across different micro-batch splits
-        for k in ("clipfrac", "approx_kl"):
-            assert got["metrics"][k] == pytest.approx(want_metrics[k], rel=1e-3, abs=1e-6), (
-                case,
-                k,
-            )
+        # each rank splits its share into its own micro-batches, so the split differs from the
+        # one process's: every logged metric is split-independent and must still agree
+        assert got["metrics"].keys() == want_metrics.keys()
+        for k, v in want_metrics.items():
+            assert got["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (case, k)
     for rank in (0, 1):
         assert "same whole batch" in (tmp_path / f"refused{rank}.txt").read_text()
