@@ -2,26 +2,29 @@
 
 Layout of ``<run_dir>/checkpoints/step_000020/``: ``model/`` (``save_pretrained`` of the model
 and tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``) and ``trainer_state.pt``
-(optimizer, LR schedule, replay buffer, RNG states, step). A checkpoint is written into a
+(optimizer, LR schedule, replay buffer, RNG states, step), plus ``progress.json`` (the step and
+whether its evaluation is still to do, see :class:`Progress`). A checkpoint is written into a
 temporary directory and renamed into place, and ``checkpoints/latest`` is replaced atomically,
 so an interrupted save never leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 LATEST = "latest"
+PROGRESS = "progress.json"  # {"step": k, "row_pending": bool}, readable without torch
 
 
 class CheckpointError(RuntimeError):
@@ -73,12 +76,17 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Any, state: Trai
         model.save_pretrained(tmp / "model")  # type: ignore[operator]
         tokenizer.save_pretrained(tmp / "model")
         torch.save(state.__dict__, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
+        pending = state.extra.get("pending_row") is not None
+        (tmp / PROGRESS).write_text(json.dumps({"step": state.step, "row_pending": pending}))
+        old = root / f".old-{final.name}"
+        if final.exists():  # moved aside, not deleted, until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     _write_text_atomic(root / LATEST, final.name + "\n")
     return final
 
@@ -91,6 +99,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not (path / "trainer_state.pt").exists():
         raise CheckpointError(f"{pointer} points at {path.name}, which has no trainer_state.pt")
     return path
+
+
+class Progress(NamedTuple):
+    """How far the run of a checkpoint got: its step, and whether that step's evaluation and
+    metrics row are still to do (an evaluation cut by Ctrl-C)."""
+
+    step: int
+    row_pending: bool
+
+
+def checkpoint_progress(ckpt: Path) -> Progress:
+    """The :class:`Progress` of ``ckpt`` (from ``progress.json``, else the trainer state)."""
+    try:
+        data = json.loads((ckpt / PROGRESS).read_text())
+        return Progress(int(data["step"]), bool(data["row_pending"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        state = load_trainer_state(ckpt)
+        return Progress(state.step, state.extra.get("pending_row") is not None)
 
 
 def load_trainer_state(ckpt: Path) -> TrainerState:

@@ -47,9 +47,9 @@ class JsonlSink:
         if truncate_after_step is not None and path.exists():
             # On resume, drop rows written after the checkpoint so the file equals an uninterrupted run.
             keep = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= truncate_after_step
+                json.dumps(row)
+                for row in read_metrics(path)
+                if row.get("step", 0) <= truncate_after_step
             ]
             path.write_text("".join(ln + "\n" for ln in keep))
         self._fh = path.open("a")
@@ -135,5 +135,19 @@ class MetricLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All rows of a ``metrics.jsonl`` file."""
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """All rows of a ``metrics.jsonl`` file; a last line cut short by a killed process (no
+    newline yet, not valid JSON) is left out."""
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(ln) for ln in lines if ln.strip()]
+
+
+def logged_steps(run_dir: Path) -> set[int]:
+    """The steps that have a row in ``run_dir/metrics.jsonl`` (none when it does not exist)."""
+    path = run_dir / "metrics.jsonl"
+    return {int(r.get("step", 0)) for r in read_metrics(path)} if path.exists() else set()

@@ -38,7 +38,8 @@ from spear.checkpoint import (
 )
 from spear.config import Config
 from spear.filters import apply_group_filter, apply_response_filters
-from spear.metrics import MetricLogger, sync_metrics
+from spear.interrupts import TrainingInterrupted, finish_step_on_sigint
+from spear.metrics import MetricLogger, logged_steps, sync_metrics
 from spear.replay import ReplayBatch
 from spear.rewards import assign_rewards
 from spear.rollout.loop import RolloutTimes
@@ -95,9 +96,17 @@ class Trainer:
         self.c: Components = build_components(cfg)
         self.step = 0
         self.nonfinite_streak = 0
+        self._pending_row: dict[str, float] | None = None  # a restored step awaiting its row
+        self._latest: tuple[int, bool] | None = None  # latest checkpoint: (step, row pending)
         ckpt = latest_checkpoint(run_dir) if resume else None
         if ckpt is not None:
             self._restore(ckpt)
+        # the metrics rows a resume keeps: those up to the checkpoint's step (a pending step's
+        # row is written again); without a checkpoint only the step-0 evaluation's row
+        self._has_row0 = ckpt is not None or (resume and 0 in logged_steps(run_dir))
+        keep = (
+            self.step - (self._pending_row is not None) if ckpt else (0 if self._has_row0 else -1)
+        )
         # built after a restore, so the workers start from the restored weights
         self.backend: Backend = build_backend(cfg, self.c)
         self.logger = MetricLogger.create(
@@ -106,7 +115,7 @@ class Trainer:
             wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project,
             config=cfg.model_dump(mode="json"),
-            resume_step=self.step if resume else None,
+            resume_step=keep if resume else None,
         )
 
     # ------------------------------------------------------------------------------ one step
@@ -288,38 +297,114 @@ class Trainer:
     def fit(
         self, on_step: Callable[[int, dict[str, float]], None] | None = None
     ) -> dict[str, float]:
-        """Train ``trainer.steps`` steps with periodic evaluation and checkpoints."""
-        cfg = self.cfg
+        """Train ``trainer.steps`` steps with periodic evaluation and checkpoints.
+
+        Ctrl-C (:mod:`spear.interrupts`): the first finishes the step in flight and saves it; a
+        second stops at once and the step in flight is discarded, or, when only its evaluation
+        was running, saved with the evaluation pending. Either way :class:`TrainingInterrupted`
+        says what was kept, and every checkpoint holds one step boundary of an uninterrupted run.
+        """
         last: dict[str, float] = {}
-        if self.step == 0:
-            last = self.evaluate()
-            self.logger.write(0, last)
-        try:
-            while self.step < cfg.trainer.steps:
-                metrics = self.train_step()
-                if (
-                    cfg.eval.every
-                    and self.step % cfg.eval.every == 0
-                    and self.step < cfg.trainer.steps
-                ):
-                    metrics.update(self.evaluate())
-                if self.step == cfg.trainer.steps:
-                    metrics.update(self.evaluate())
-                self.logger.write(self.step, metrics)
-                last = metrics
-                if on_step is not None:
-                    on_step(self.step, metrics)
-                if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: writing a final checkpoint", self.step)
-            self.save()
-            raise
-        self.save()
+        with finish_step_on_sigint() as stop:
+            if self.step == 0 and not self._has_row0:
+                last = self._step0_eval()
+            if self._pending_row is not None:  # restored from a checkpoint whose eval was cut
+                last = self._complete_step(self._pending_row, on_step)
+                self._pending_row = None
+            while self.step < self.cfg.trainer.steps and not stop.requested:
+                last = self._one_step(on_step)
+            if stop.requested and self.step < self.cfg.trainer.steps:
+                raise TrainingInterrupted(self._save_on_stop())
+            try:
+                self._save_once()
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(self._resume_point("the final checkpoint")) from None
         return last
 
+    def _step0_eval(self) -> dict[str, float]:
+        try:
+            m = self.evaluate()
+            self.logger.write(0, m)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                "interrupted in the step-0 evaluation: no checkpoint was written; a resume "
+                "starts with that evaluation"
+            ) from None
+        self._has_row0 = True
+        return m
+
+    def _one_step(
+        self, on_step: Callable[[int, dict[str, float]], None] | None
+    ) -> dict[str, float]:
+        step = self.step + 1
+        try:
+            train = self.train_step()
+        except KeyboardInterrupt:  # the weights, optimizer or buffer may hold half of the step
+            raise TrainingInterrupted(self._resume_point(f"step {step}")) from None
+        return self._complete_step(train, on_step)
+
+    def _complete_step(
+        self, train: dict[str, float], on_step: Callable[[int, dict[str, float]], None] | None
+    ) -> dict[str, float]:
+        """The evaluation, the metrics row and the periodic checkpoint of the step just trained."""
+        cfg, step = self.cfg, self.step
+        try:
+            due = step == cfg.trainer.steps or (cfg.eval.every and step % cfg.eval.every == 0)
+            metrics = {**train, **(self.evaluate() if due else {})}
+            self.logger.write(step, metrics)
+        except KeyboardInterrupt:  # the step's training is whole: keep it, redo the evaluation
+            path = self.save(pending_row=train)
+            raise TrainingInterrupted(
+                f"interrupted in the evaluation of step {step}: checkpoint {path.name} holds the "
+                "trained step; a resume evaluates it again and writes its row"
+            ) from None
+        try:
+            if on_step is not None:
+                on_step(step, metrics)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._save_on_stop()) from None
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            try:
+                self._save_once()
+            except KeyboardInterrupt:
+                what = f"the checkpoint of step {step}"
+                raise TrainingInterrupted(self._resume_point(what)) from None
+        return metrics
+
+    def _save_once(self) -> None:
+        """Save the current step boundary unless that very state is the latest checkpoint."""
+        if self._latest != (self.step, False):
+            self.save()
+
+    def _save_on_stop(self) -> str:
+        try:
+            self._save_once()
+        except KeyboardInterrupt:
+            return self._resume_point(f"the checkpoint of step {self.step}")
+        return f"stopped after step {self.step}: checkpoint step_{self.step:06d} written"
+
+    def _resume_point(self, what: str) -> str:
+        """What was lost when ``what`` was cut off, and where a resume starts."""
+        if self._latest is None:
+            return (
+                f"interrupted in {what}, which was discarded; no checkpoint was written yet, so a "
+                "resume starts again after the step-0 evaluation"
+            )
+        step, pending = self._latest
+        redo = (
+            f"step {step}'s evaluation is run again"
+            if pending
+            else f"steps after {step} are trained again"
+        )
+        return (
+            f"interrupted in {what}, which was discarded; a resume continues from checkpoint "
+            f"step_{step:06d} ({redo})"
+        )
+
     # ------------------------------------------------------------------------------ state
-    def save(self) -> Path:
+    def save(self, *, pending_row: dict[str, float] | None = None) -> Path:
+        """Checkpoint the current step boundary; ``pending_row``: the step's training metrics
+        when its evaluation and metrics row are still to do (a resume does them)."""
         c = self.c
         state = TrainerState(
             step=self.step,
@@ -327,9 +412,11 @@ class Trainer:
             scheduler=c.policy.scheduler.state_dict(),
             replay=c.buffer.state_dict() if c.buffer is not None else None,
             rng=capture_rng(),
-            extra={"nonfinite_streak": self.nonfinite_streak},
+            extra={"nonfinite_streak": self.nonfinite_streak, "pending_row": pending_row},
         )
-        return save_checkpoint(self.run_dir, c.policy.model, c.policy.tokenizer, state)
+        path = save_checkpoint(self.run_dir, c.policy.model, c.policy.tokenizer, state)
+        self._latest = (self.step, pending_row is not None)
+        return path
 
     def _restore(self, ckpt: Path) -> None:
         c = self.c
@@ -344,7 +431,11 @@ class Trainer:
         restore_rng(state.rng)
         self.step = state.step
         self.nonfinite_streak = int(state.extra.get("nonfinite_streak", 0))
+        self._pending_row = state.extra.get("pending_row")
+        self._latest = (self.step, self._pending_row is not None)
         log.info("resumed from %s (step %d)", ckpt, self.step)
+        if self._pending_row is not None:
+            log.info("step %d's evaluation was interrupted: it runs again first", self.step)
 
     def close(self) -> None:
         self.backend.close()
