@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from spear.config import (
     DEFAULT_RUN_CONFIG,
+    Config,
     ConfigError,
     config_to_yaml,
     load_config,
@@ -24,6 +26,10 @@ from spear.config import (
     run_config_names,
     run_config_path,
 )
+from spear.resume import latest_step, record_resume, resume_overrides
+
+if TYPE_CHECKING:
+    from spear.trainer import Trainer
 
 # piped output (a log file, CI) gets a wide line instead of rich's 80 columns, so the progress line is whole
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
@@ -55,40 +61,78 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from spear.trainer import Trainer
-
+def _open_run(args: argparse.Namespace) -> tuple[Path, Config] | int:
+    """The run directory and config of ``spear train``: a new run (its directory made and its
+    config written) or the run ``--resume`` names; an exit code when there is nothing to run."""
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             return _fail(f"--resume {run_dir}: no config.yaml there; is it a spear run directory?")
-        cfg = load_config(file=run_dir / "config.yaml", overrides=args.overrides)
-    else:
-        file = (
-            run_config_path(args.config)
-            if args.config
-            else (None if args.preset else DEFAULT_RUN_CONFIG)
-        )
-        cfg = load_config(preset=args.preset, file=file, overrides=args.overrides)
-        run_dir = _run_dir(cfg.trainer.run_dir, cfg.preset)
-        if run_dir.exists():
-            return _fail(
-                f"run directory {run_dir} exists; continue it with `spear train --resume {run_dir}` or set trainer.run_dir=<new dir>"
+        earlier = resume_overrides(run_dir)  # each resume's overrides apply to the later ones
+        cfg = load_config(file=run_dir / "config.yaml", overrides=[*earlier, *args.overrides])
+        done = _completed_step(run_dir, cfg.trainer.steps)
+        if done is not None:  # nothing to train: say so, show the result, write nothing
+            console.print(
+                f"run {run_dir} is complete (step {done}, trainer.steps={cfg.trainer.steps}); "
+                "nothing to train"
             )
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    console.print(
-        f"[bold]spear[/] training [cyan]{cfg.preset or 'custom'}[/] on task [cyan]{cfg.task.name}[/] for {cfg.trainer.steps} steps -> {run_dir}"
+            _print_result(run_dir, plot=False)
+            return 0
+        return run_dir, cfg
+    file = (
+        run_config_path(args.config)
+        if args.config
+        else (None if args.preset else DEFAULT_RUN_CONFIG)
     )
+    cfg = load_config(preset=args.preset, file=file, overrides=args.overrides)
+    run_dir = _run_dir(cfg.trainer.run_dir, cfg.preset)
+    if run_dir.exists():
+        return _fail(
+            f"run directory {run_dir} exists; continue it with `spear train --resume {run_dir}` or set trainer.run_dir=<new dir>"
+        )
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    return run_dir, cfg
+
+
+def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer | int:
+    """The trainer (model built, warm start run or read from its cache, checkpoint restored),
+    or 130 after a Ctrl-C, which keeps nothing of a new run."""
+    from spear.trainer import Trainer
+
     try:
         with console.status(
             "building the model (first run: tokenizer, tiny model and warm start, cached)..."
         ):
-            trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
-    except BaseException:
-        if not args.resume:  # a run that never started leaves no directory behind
+            return Trainer(cfg, run_dir, resume=resume)
+    except BaseException as e:
+        if not resume:  # a run that never started leaves no directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+    kept = "the run is as it was" if resume else "no run directory was kept"
+    console.print(
+        "[yellow]interrupted[/] while building the model: a warm start in progress is not "
+        f"cached (the next run builds it again); {kept}"
+    )
+    return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from spear.interrupts import TrainingInterrupted
+
+    opened = _open_run(args)
+    if isinstance(opened, int):
+        return opened
+    run_dir, cfg = opened
+    console.print(
+        f"[bold]spear[/] training [cyan]{cfg.preset or 'custom'}[/] on task [cyan]{cfg.task.name}[/] for {cfg.trainer.steps} steps -> {run_dir}"
+    )
+    trainer = _build_trainer(cfg, run_dir, bool(args.resume))
+    if isinstance(trainer, int):
+        return trainer
+    if args.resume:
+        record_resume(run_dir, args.overrides, latest_step(run_dir))
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"),
         BarColumn(),
@@ -114,33 +158,52 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress.update(bar, completed=step, info=info)
 
         try:
-            final = trainer.fit(on_step=on_step)
-        except KeyboardInterrupt:
+            trainer.fit(on_step=on_step)
+        except KeyboardInterrupt as e:
+            kept = e.kept if isinstance(e, TrainingInterrupted) else "stopped"
             console.print(
-                f"[yellow]interrupted[/]: checkpoint written; continue with `spear train --resume {run_dir}`"
+                f"[yellow]interrupted[/]: {escape(kept)}; continue with `spear train --resume {run_dir}`"
             )
             trainer.close()
             return 130
     trainer.close()
-    _print_result(run_dir, final)
+    try:
+        _print_result(run_dir, plot=True)
+    except KeyboardInterrupt:  # training is over and saved: nothing is lost
+        console.print(
+            f"[yellow]interrupted[/] while plotting; the run is complete and saved "
+            f"(`spear plot {run_dir}` draws the curves)"
+        )
     return 0
 
 
-def _print_result(run_dir: Path, final: dict[str, float]) -> None:
-    """Held-out success before -> after, and where the run's files are."""
+def _completed_step(run_dir: Path, steps: int) -> int | None:
+    """The step of ``run_dir``'s latest checkpoint when it ends the run (nothing left to train
+    or evaluate for ``trainer.steps=steps``), else None."""
+    from spear.checkpoint import checkpoint_progress, latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    progress = checkpoint_progress(ckpt)
+    return progress.step if progress.step >= steps and not progress.row_pending else None
+
+
+def _print_result(run_dir: Path, *, plot: bool) -> None:
+    """Held-out success before -> after (the first and last evaluation rows), and where the
+    run's files are; ``plot`` also (re)writes the curves."""
     from spear.metrics import read_metrics
     from spear.plot import plot_run
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r["eval/success"] for r in rows if r.get("eval/success") is not None]
-    before = evals[0] if evals else None
-    plot = plot_run(run_dir)
-    after = final.get("eval/success")
-    if before is not None and after is not None:
+    plots = plot_run(run_dir) if plot else run_dir / "plots" / "curves.png"
+    if len(evals) >= 2:
+        before, after = evals[0], evals[-1]
         console.print(
             f"held-out success: [bold]{before:.1%}[/] -> [bold green]{after:.1%}[/] ({(after - before) * 100:+.1f} points)"
         )
-    console.print(f"run directory: {run_dir}\nplots: {plot}\nmetrics: {run_dir / 'metrics.jsonl'}")
+    console.print(f"run directory: {run_dir}\nplots: {plots}\nmetrics: {run_dir / 'metrics.jsonl'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
