@@ -40,8 +40,7 @@ def _interrupt(*_: Any, **__: Any) -> Any:
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {
-        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
-        for p in root.rglob("*")
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")
     }
 
 
