@@ -120,7 +120,10 @@ class RolloutConfig(_Section):
     max_context_tokens: int = Field(512, ge=16)
     layout: Literal["episode", "turn"] = "episode"
     history_length: int = Field(2, ge=0)  # turn layout: observation/action pairs kept
-    parser: str = "hermes"
+    # tool-call parser (spear.rollout.parsers) of the tool tasks (arithmetic, math); None = the
+    # task's own format (hermes, which their system prompts ask for). TextWorld reads
+    # <action>...</action> itself and takes none
+    parser: str | None = None
     env_step_timeout_s: float = Field(10.0, gt=0)
     tool_timeout_s: float = Field(5.0, gt=0)
     max_observation_chars: int = Field(512, ge=16)
@@ -349,6 +352,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        from spear.config_names import unknown_name
+
+        unknown = unknown_name(self)
+        if unknown is not None:
+            raise ValueError(unknown)
+        self._check_algorithm()
         ro, opt = self.rollout, self.optim
         n = ro.tasks_per_step * ro.group_size
         if ro.layout == "episode" and opt.mini_batch_size is not None and n % opt.mini_batch_size:
@@ -389,6 +398,28 @@ class Config(_Section):
                 "advantage.estimator=gigpo use replay.recalibration=median (episode-level only)"
             )
         return self
+
+    def _check_algorithm(self) -> None:
+        """Cross-field checks of the loss, advantage and rollout settings."""
+        for where, lb, ub in (
+            ("loss", self.loss.clip_cov_lb, self.loss.clip_cov_ub),
+            ("replay", self.replay.clip_cov_lb, self.replay.clip_cov_ub),
+        ):
+            if not lb < ub:
+                raise ValueError(
+                    f"{where}.clip_cov_lb={lb:g} must be < {where}.clip_cov_ub={ub:g} (Clip-Cov "
+                    "detaches tokens with lb < covariance < ub); lower the first or raise the second"
+                )
+        if self.advantage.estimator == "gigpo" and self.rollout.layout != "turn":
+            raise ValueError(
+                "advantage.estimator=gigpo needs per-turn samples for its step-level (anchor "
+                f"state) term: set rollout.layout=turn (got {self.rollout.layout})"
+            )
+        if self.task.name == "textworld" and self.rollout.parser is not None:
+            raise ValueError(
+                "task.name=textworld reads its actions from <action>...</action> and takes no "
+                f"tool-call parser: remove rollout.parser={self.rollout.parser}"
+            )
 
     @property
     def replay_sample_size(self) -> int:

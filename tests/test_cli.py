@@ -177,6 +177,35 @@ def test_config_errors_are_one_line(
         assert needle in line
 
 
+@pytest.mark.parametrize(
+    ("override", "known"),
+    [
+        ("loss.policy_loss=bogus", "clip_cov, gpg, kl_cov, vanilla"),
+        ("replay.policy_loss=bogus", "clip_cov, gpg, kl_cov, vanilla"),
+        ("advantage.estimator=bogus", "drgrpo, gigpo, grpo, rloo"),
+        ("loss.aggregation=bogus", "seq-mean-token-mean"),
+        ("loss.kl_type=bogus", "low_var_kl"),
+        ("rollout.parser=bogus", "action, hermes, python"),
+    ],
+)
+def test_a_bad_name_fails_before_anything_is_made(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_training: None,
+    tmp_path: Path,
+    override: str,
+    known: str,
+) -> None:
+    # before names were checked at load, loss.policy_loss=bogus ran the step-0 eval and a rollout
+    # and replay.policy_loss=bogus trained until the first replay, each leaving a run directory
+    monkeypatch.chdir(tmp_path)  # runs/<preset>-<time> would appear here
+    rc, out = run(capsys, "train", override, f"model.cache_dir={tmp_path / 'cache'}")
+    assert rc == 2
+    line = error_line(out)
+    assert override.split("=")[0] in line and "'bogus'" in line and known in line
+    assert list(tmp_path.iterdir()) == []  # no run directory, no model cache
+
+
 def test_a_shipped_run_config_is_found_by_name(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = run(capsys, "config", "show", "textworld")
     assert rc == 0 and yaml.safe_load(out)["task"]["name"] == "textworld"

@@ -12,6 +12,7 @@ from spear.config import (
     preset_names,
     validate_config,
 )
+from spear.config_names import REGISTRY_FIELDS, registry_of
 
 
 def test_presets_are_the_six_reference_recipes():
@@ -131,3 +132,53 @@ def test_dr_grpo_constant_is_a_samples_response_budget() -> None:
         ).dr_grpo_len
         == 64
     )
+
+
+@pytest.mark.parametrize("field", sorted(REGISTRY_FIELDS))
+def test_every_registry_name_is_checked_when_the_config_loads(field: str) -> None:
+    section, key = field.split(".")
+    assert key in Config.model_fields[section].annotation.model_fields  # a real config field
+    known = registry_of(field).names()
+    assert getattr(getattr(Config(), section), key) in [*known, None]  # the default is known
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=[f"{field}=bogus"])
+    line = str(exc.value)
+    assert "\n" not in line and f"{field}: unknown" in line and "'bogus'" in line
+    assert f"known: {', '.join(known)}" in line
+
+
+def test_a_name_registered_by_user_code_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spear.algo.losses import POLICY_LOSSES
+
+    with pytest.raises(ConfigError, match="unknown policy loss 'mine'"):
+        load_config(overrides=["loss.policy_loss=mine"])
+    entries = {**POLICY_LOSSES._entries, "mine": POLICY_LOSSES.get("vanilla")}
+    monkeypatch.setattr(POLICY_LOSSES, "_entries", entries)
+    assert load_config(overrides=["loss.policy_loss=mine"]).loss.policy_loss == "mine"
+
+
+def test_a_close_name_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'gigpo'"):
+        load_config(overrides=["advantage.estimator=gigp", "rollout.layout=turn"])
+
+
+@pytest.mark.parametrize("section", ["loss", "replay"])
+@pytest.mark.parametrize(("lb", "ub"), [(6.0, 5.0), (5.0, 5.0)])
+def test_clip_cov_bounds_must_be_ordered(section: str, lb: float, ub: float) -> None:
+    over = [f"{section}.clip_cov_lb={lb}", f"{section}.clip_cov_ub={ub}"]
+    with pytest.raises(ConfigError, match=rf"{section}\.clip_cov_lb={lb:g} must be < {section}"):
+        load_config(overrides=over)
+    assert load_config(overrides=[f"{section}.clip_cov_lb={ub - 1}", over[1]])
+
+
+def test_gigpo_needs_the_turn_layout() -> None:
+    with pytest.raises(ConfigError, match=r"set rollout\.layout=turn"):
+        load_config(overrides=["advantage.estimator=gigpo", "rollout.layout=episode"])
+    assert load_config(preset="gigpo").rollout.layout == "turn"
+
+
+def test_rollout_parser_is_for_tool_tasks_only() -> None:
+    assert load_config().rollout.parser is None  # the task's own format
+    assert load_config(overrides=["rollout.parser=python"]).rollout.parser == "python"
+    with pytest.raises(ConfigError, match=r"textworld .* remove rollout\.parser=action"):
+        load_config(overrides=["task.name=textworld", "rollout.parser=action"])

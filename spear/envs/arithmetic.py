@@ -29,6 +29,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from spear.envs.base import Env, Task, Tool
+from spear.envs.tool_env import NATIVE_PARSER
 
 if TYPE_CHECKING:
     from spear.config import Config
@@ -311,8 +312,9 @@ class ArithmeticTasks:
 
     name = "arithmetic"
 
-    def __init__(self, params: ArithmeticParams) -> None:
+    def __init__(self, params: ArithmeticParams, parser: str = NATIVE_PARSER) -> None:
         self.params = params
+        self.parser = parser  # a spear.rollout.parsers name: how make_env's env reads calls
         self._calculator = Calculator(CALCULATOR_LIMITS)
 
     @staticmethod
@@ -326,7 +328,7 @@ class ArithmeticTasks:
 
     @classmethod
     def from_config(cls, cfg: Config) -> ArithmeticTasks:
-        return cls(cls.params_from_config(cfg))
+        return cls(cls.params_from_config(cfg), cfg.rollout.parser or NATIVE_PARSER)
 
     def tasks(self, split: str, n: int, seed: int) -> list[Task]:
         return generate_tasks(split, n, seed, self.params.difficulty)
@@ -341,7 +343,7 @@ class ArithmeticTasks:
 
         return ToolEnv(
             self.tools(),
-            PARSERS.get("hermes"),
+            PARSERS.get(self.parser),
             score_boxed_number,
             system_prompt=SYSTEM_PROMPT,
             tool_timeout_s=self.params.tool_timeout_s,

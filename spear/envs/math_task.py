@@ -32,6 +32,7 @@ from spear.envs.sandbox import (
     LocalSandbox,
     SandboxFusionClient,
 )
+from spear.envs.tool_env import NATIVE_PARSER
 
 if TYPE_CHECKING:
     from spear.config import Config
@@ -178,8 +179,11 @@ class MathTasks:
 
     name = "math"
 
-    def __init__(self, params: MathParams, tool: Tool | None = None) -> None:
+    def __init__(
+        self, params: MathParams, tool: Tool | None = None, parser: str = NATIVE_PARSER
+    ) -> None:
         self.params = params
+        self.parser = parser  # a spear.rollout.parsers name: how make_env's env reads calls
         self._tool = tool
         self._pools: dict[str, list[Task]] = {}
 
@@ -200,7 +204,7 @@ class MathTasks:
 
     @classmethod
     def from_config(cls, cfg: Config) -> MathTasks:
-        return cls(cls.params_from_config(cfg))
+        return cls(cls.params_from_config(cfg), parser=cfg.rollout.parser or NATIVE_PARSER)
 
     def pool(self, split: str) -> list[Task]:
         """All tasks of ``split``, deduplicated by problem text, loaded once."""
@@ -265,7 +269,7 @@ class MathTasks:
 
         return ToolEnv(
             self.tools(),
-            PARSERS.get("hermes"),
+            PARSERS.get(self.parser),
             score_boxed_math,
             system_prompt=SYSTEM_PROMPT,
             tool_timeout_s=self.params.tool_timeout_s,

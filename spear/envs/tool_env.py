@@ -28,6 +28,10 @@ from spear.types import Message
 
 Scorer = Callable[[str, Task], Score]
 
+# the tool-call format (a spear.rollout.parsers name) that the built-in tool tasks' system prompts
+# ask for and their warm-start demonstrations are written in; ``rollout.parser`` overrides it
+NATIVE_PARSER = "hermes"
+
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "integer": (int,),

@@ -173,3 +173,18 @@ def test_source_protocol_and_tools() -> None:
     assert src.name == "arithmetic"
     assert [t.name for t in src.tools()] == ["calculator"]
     assert src.tasks("test", 5, 1) == generate_tasks("test", 5, 1, 2)
+
+
+def test_rollout_parser_is_the_env_parser() -> None:
+    # rollout.parser was never read (the env hard-coded hermes); None keeps the task's own format
+    from spear.config import load_config
+    from spear.rollout.parsers import PARSERS
+
+    for override, name in [([], "hermes"), (["rollout.parser=python"], "python")]:
+        env = ArithmeticTasks.from_config(load_config(overrides=override)).make_env()
+        assert env.parser is PARSERS.get(name)  # type: ignore[attr-defined]
+    env = ArithmeticTasks.from_config(load_config(overrides=["rollout.parser=python"])).make_env()
+    env.reset(generate_tasks("train", 1, 0, 2)[0])
+    step = env.step("```python\nprint(1)\n```")  # a call of tool 'python', which is not offered
+    assert step.info["invalid_tool_calls"] + step.info["tool_errors"] >= 1
+    assert not step.terminated  # read as a call, not as a final answer (hermes would end here)

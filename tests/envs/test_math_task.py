@@ -141,3 +141,15 @@ def test_env_scores_boxed_answers_and_runs_the_sandbox(tmp_path: Path) -> None:
 def test_params_validation() -> None:
     with pytest.raises(ValueError, match="train_files"):
         MathParams((), (), 5.0, 1, 512, BUCKETS, "local", None, 1024, 64)
+
+
+def test_rollout_parser_is_the_env_parser(tmp_path: Path) -> None:
+    from spear.config import load_config
+    from spear.rollout.parsers import PARSERS
+
+    train = _write_jsonl(tmp_path / "train.jsonl", _verl_rows(4))
+    base = ["task.name=math", f"task.train_files=[{train}]"]
+    for override, name in [([], "hermes"), (["rollout.parser=python"], "python")]:
+        env = MathTasks.from_config(load_config(overrides=[*base, *override])).make_env()
+        assert env.parser is PARSERS.get(name)  # type: ignore[attr-defined]
+        env.close()
