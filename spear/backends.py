@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from spear.build import Components
 from spear.config import Config
@@ -83,8 +84,10 @@ class Backend(Protocol):
         *,
         loss_scale: float,
         old_from_forward: bool = False,
+        ref_logprobs: Tensor | None = None,
     ) -> UpdateResult:
-        """``policy_update`` of ``policy`` on ``batch`` (``policy`` holds the result after)."""
+        """``policy_update`` of ``policy`` on ``batch`` (``policy`` holds the result after);
+        ``ref_logprobs [N, T]``: the reference policy's, for the KL term (:mod:`spear.reference`)."""
         ...
 
     def sync_weights(self, policy: Policy) -> None:
@@ -125,6 +128,7 @@ class LocalBackend:
         *,
         loss_scale: float,
         old_from_forward: bool = False,
+        ref_logprobs: Tensor | None = None,
     ) -> UpdateResult:
         return policy_update(
             policy,
@@ -133,6 +137,7 @@ class LocalBackend:
             generator,
             loss_scale=loss_scale,
             old_from_forward=old_from_forward,
+            ref_logprobs=ref_logprobs,
         )
 
     def sync_weights(self, policy: Policy) -> None:

@@ -13,6 +13,7 @@ from spear.config import Config
 from spear.envs.base import TaskSource
 from spear.filters import RESPONSE_FILTERS, ResponseFilterParams
 from spear.policy import Policy, apply_lora, build_optimizer, load_pretrained, resolve_device
+from spear.reference import ReferencePolicy, build_reference
 from spear.registry import Registry
 from spear.replay import ReplayBuffer, ReplayParams
 from spear.rewards import ToolBonus
@@ -60,6 +61,7 @@ class Components:
     replay_update: UpdateSettings
     loop_params: LoopParams
     eval_loop_params: LoopParams
+    reference: ReferencePolicy | None = None  # the KL loss's frozen policy (loss.kl_coef > 0)
 
 
 def model_dir(cfg: Config) -> str:
@@ -208,4 +210,7 @@ def build_components(cfg: Config) -> Components:
         replay_update=update_settings(cfg, replay=True),
         loop_params=loop_params(cfg, evaluation=False),
         eval_loop_params=loop_params(cfg, evaluation=True),
+        reference=build_reference(
+            policy, kl_coef=cfg.loss.kl_coef, lora=cfg.model.lora.enabled
+        ),  # from the initial weights: built before a resumed run restores its checkpoint
     )

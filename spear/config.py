@@ -193,8 +193,8 @@ class LossConfig(_Section):
         None  # Dr.GRPO constant; None = a sample's budget: rollout.max_response_tokens (episode layout) or max_new_tokens (turn)
     )
     entropy_coef: float = 0.0
-    kl_coef: float = Field(0.0, ge=0)
-    kl_type: str = "k3"
+    kl_coef: float = Field(0.0, ge=0)  # KL loss against the frozen initial policy (spear.reference)
+    kl_type: str = "k3"  # a spear.algo.kl estimator: k1, k2, k3 (= low_var_kl), abs; "+" = k2 grad
     clip_cov_ratio: float = Field(2e-4, gt=0, le=1)
     clip_cov_lb: float = 1.0
     clip_cov_ub: float = 5.0

@@ -3,7 +3,7 @@
 One step (DESIGN.md "Data flow"):
 
     rollout -> rewards (outcome + tool bonus x phi(t)) -> response filters -> group filter
-    -> old log-probs -> advantages -> on-policy update
+    -> old log-probs -> advantages -> reference log-probs (loss.kl_coef > 0) -> on-policy update
        (old log-probs come from the update's own forward pass when it is one optimizer step)
     -> replay: maybe consume -> recalibrate -> SIL update x lambda(t)
     -> replay: add this step's positive-advantage samples -> metrics -> checkpoint
@@ -143,12 +143,17 @@ class Trainer:
             with timer("old_logprobs"):
                 fill_old_logprobs(c.policy, samples, cfg)
         m.update(compute_advantages(samples, cfg))
+        ref = None
+        if c.update.kl_coef > 0:  # the KL term's reference, on the tokens the update trains on
+            with timer("ref_logprobs"):
+                ref = self._reference_logprobs(samples)
         with timer("update"):
             m.update(
                 self._update(
-                    samples, c.update, _UPDATE, step, scale=1.0, prefix="actor", fused_old=fused
+                    samples, c.update, _UPDATE, step, scale=1.0, prefix="actor", fused_old=fused,
+                    ref_logprobs=ref,
                 )
-            )
+            )  # fmt: skip
         with timer("sil_update"):
             m.update(self._self_imitation(step))
         if c.buffer is not None:
@@ -188,6 +193,21 @@ class Trainer:
         update or replay reads, then keep the sampler's log-probs."""
         return self.backend.fuses_old_logprobs and single_step(settings, len(_trainable(samples)))
 
+    def _reference_logprobs(self, samples: Sequence[Sample]) -> Tensor | None:
+        """The reference policy's log-probs ``[N, T]`` on the batch that :meth:`_update` collates
+        from ``samples`` (None if nothing is trainable)."""
+        trainable = _trainable(samples)
+        if not trainable:
+            return None
+        if self.c.reference is None:
+            raise RuntimeError("loss.kl_coef > 0 but the run has no reference policy")
+        batch = TokenBatch.collate(trainable, pad_id=self.c.policy.tokenizer.pad_token_id)
+        return self.c.reference.logprobs(
+            batch,
+            micro_batch_size=self.cfg.optim.micro_batch_size,
+            temperature=self.c.update.temperature,
+        )
+
     def _update(
         self,
         samples: Sequence[Sample],
@@ -198,6 +218,7 @@ class Trainer:
         scale: float,
         prefix: str,
         fused_old: bool = False,
+        ref_logprobs: Tensor | None = None,
     ) -> dict[str, Tensor | float]:
         trainable = _trainable(samples)
         if not trainable:
@@ -210,6 +231,7 @@ class Trainer:
             stage_generator(self.cfg.trainer.seed, step, stage),
             loss_scale=scale,
             old_from_forward=fused_old,
+            ref_logprobs=ref_logprobs,
         )
         if res.old_logprobs is not None:  # the behaviour log-probs the replay buffer keeps
             set_behavior_logprobs(trainable, res.old_logprobs)

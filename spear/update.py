@@ -88,6 +88,18 @@ def single_step(settings: UpdateSettings, num_rows: int) -> bool:
     return settings.epochs == 1 and settings.mini_batch_size >= num_rows
 
 
+def check_reference(settings: UpdateSettings, batch: TokenBatch, ref: Tensor | None) -> None:
+    """A KL term needs the reference log-probs ``ref [N, T]`` of ``batch`` (never a silent no-op)."""
+    if settings.kl_coef > 0 and ref is None:
+        raise ValueError(
+            f"kl_coef={settings.kl_coef} needs the reference policy's log-probs (ref_logprobs)"
+        )
+    if ref is not None and ref.shape != batch.input_ids.shape:
+        raise ValueError(
+            f"ref_logprobs shape {tuple(ref.shape)} != batch shape {tuple(batch.input_ids.shape)}"
+        )
+
+
 def _mini_batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
     perm = torch.randperm(n, generator=generator)
     return [perm[i : i + size] for i in range(0, n, size)]
@@ -163,7 +175,10 @@ def policy_update(
     (the caller syncs once per step).
     ``old_from_forward`` (only for a :func:`single_step` update) ignores ``batch.old_logprobs``
     and uses the forward pass's own log-probs, returned in ``UpdateResult.old_logprobs``.
+    ``ref_logprobs [N, T]`` (the reference policy's, :mod:`spear.reference`) is required when
+    ``settings.kl_coef > 0``; the loss then adds ``kl_coef * agg(kl_type(lp, ref))``.
     """
+    check_reference(settings, batch, ref_logprobs)
     if old_from_forward and not single_step(settings, batch.num_rows):
         raise ValueError(
             "old log-probs can come from the update's forward pass only when the update is one "

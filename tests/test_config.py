@@ -89,6 +89,15 @@ def test_mini_batch_must_divide_batch():
         )
 
 
+def test_kl_type_is_checked_at_load():
+    with pytest.raises(
+        ConfigError, match=r"loss.kl_type: unknown KL estimator 'bogus'; known:.*k3"
+    ):
+        load_config(overrides=["loss.kl_type=bogus"])
+    for name in ("k1", "k2", "k3", "low_var_kl", "k3+"):
+        assert load_config(overrides=[f"loss.kl_type={name}"]).loss.kl_type == name
+
+
 def test_bad_schedule_names_the_field():
     with pytest.raises(ConfigError, match=r"replay.loss_coef"):
         load_config(overrides=["replay.loss_coef={kind: cosine_sideways, value: 1}"])

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from spear.backends import RolloutRequest
 from spear.build import Components, model_dir
@@ -169,6 +170,7 @@ class RayBackend:
         *,
         loss_scale: float,
         old_from_forward: bool = False,
+        ref_logprobs: Tensor | None = None,
     ) -> UpdateResult:
         if self.trainers is None:
             return policy_update(
@@ -178,10 +180,13 @@ class RayBackend:
                 generator,
                 loss_scale=loss_scale,
                 old_from_forward=old_from_forward,
+                ref_logprobs=ref_logprobs,
             )
         if old_from_forward:
             raise ValueError("train ranks compute no old log-probs: recompute them on the driver")
-        return self.trainers.update(policy, batch, settings, generator, loss_scale=loss_scale)
+        return self.trainers.update(
+            policy, batch, settings, generator, loss_scale=loss_scale, ref_logprobs=ref_logprobs
+        )
 
     @property
     def fuses_old_logprobs(self) -> bool:

@@ -44,6 +44,7 @@ from spear.update import (
     UpdateSettings,
     _micro_loss,
     _mini_batches,
+    check_reference,
     finish_metrics,
     grouped_rows,
     metric_weight,
@@ -368,6 +369,7 @@ def data_parallel_update(
     seeded ``generator``; ``policy`` is a :class:`ShardedPolicy` (a plain policy only with one
     rank). Metrics are the global ones, identical on every rank.
     """
+    check_reference(settings, batch, ref_logprobs)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if world > 1 and not isinstance(policy.model, FSDPModule):
         raise ValueError("with more than one rank, policy must come from shard_policy")

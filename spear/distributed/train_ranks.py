@@ -121,14 +121,21 @@ class TrainRank:
         generator_state: Tensor,
         loss_scale: float,
         lrs: Sequence[float],
+        ref_logprobs: Tensor | None = None,
     ) -> tuple[UpdateResult, dict[str, Tensor] | None]:
-        """One data-parallel update; rank 0 also returns the full updated weights."""
+        """One data-parallel update; rank 0 also returns the full updated weights.
+        ``ref_logprobs [N, T]``: the KL term's reference log-probs, computed on the driver."""
         from spear.distributed.fsdp import data_parallel_update, gather_full_state_dict
 
         for group, lr in zip(self.policy.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         res = data_parallel_update(
-            self.policy, batch, settings, generator_from(generator_state), loss_scale=loss_scale
+            self.policy,
+            batch,
+            settings,
+            generator_from(generator_state),
+            loss_scale=loss_scale,
+            ref_logprobs=ref_logprobs,
         )
         state = gather_full_state_dict(self.policy)  # collective on every rank
         return res, (state if self.rank == 0 else None)
@@ -185,16 +192,20 @@ class TrainGroup:
         generator: torch.Generator,
         *,
         loss_scale: float,
+        ref_logprobs: Tensor | None = None,
     ) -> UpdateResult:
-        """The data-parallel update of ``batch``; ``policy`` holds the updated weights after."""
+        """The data-parallel update of ``batch``; ``policy`` holds the updated weights after.
+        ``ref_logprobs [N, T]`` (the reference policy's, from the driver) travels with it."""
         ray = _ray()
         errors = ray.exceptions
         lrs = [float(g["lr"]) for g in policy.optimizer.param_groups]
         state0 = generator.get_state()
         batch_ref = ray.put(batch)  # one copy; every rank reads the whole batch
+        kl_ref = ray.put(ref_logprobs) if ref_logprobs is not None else None
         for attempt in range(2):
             refs = [
-                a.update.remote(batch_ref, settings, state0, loss_scale, lrs) for a in self._actors
+                a.update.remote(batch_ref, settings, state0, loss_scale, lrs, kl_ref)
+                for a in self._actors
             ]
             try:
                 outs = ray.get(refs, timeout=self.params.call_timeout_s)

@@ -166,6 +166,34 @@ def test_two_train_ranks_give_the_single_process_update(
         remote.close()
 
 
+def test_kl_term_on_train_ranks_gives_the_single_process_update(
+    cluster: None, cache_dir: Path, tmp_path: Path, graded: None
+) -> None:
+    """The driver's reference log-probs travel to the train ranks: loss.kl_coef > 0 on two
+    ranks updates as the local backend does (the second step, where the policy has left its
+    reference, has a non-zero KL)."""
+    extra = [
+        "distributed.env_workers=0", "distributed.rollout_workers=0", "optim.lr=1e-2",
+        "optim.micro_batch_size=2", "loss.kl_coef=0.5", "loss.kl_type=low_var_kl",
+    ]  # fmt: skip
+    local = _trainer(cache_dir, tmp_path / "local", "trainer.backend=local", *extra)
+    want = [local.train_step(), local.train_step()]
+    local.close()
+    remote = _trainer(
+        cache_dir, tmp_path / "ray", "trainer.backend=ray", "distributed.train_ranks=2", *extra
+    )
+    try:
+        got = [remote.train_step(), remote.train_step()]
+        for p, q in zip(
+            local.c.policy.model.parameters(), remote.c.policy.model.parameters(), strict=True
+        ):
+            torch.testing.assert_close(q, p, atol=5e-6, rtol=0)
+    finally:
+        remote.close()
+    assert want[1]["actor/kl"] > 0
+    assert got[1]["actor/kl"] == pytest.approx(want[1]["actor/kl"], rel=1e-3, abs=1e-7)
+
+
 def _kill_when_reset(pool: Any, calls: int, done: threading.Event) -> None:
     """Kill env worker 0 as soon as ``calls`` env calls (the resets) were issued."""
     deadline = time.monotonic() + 60

@@ -267,6 +267,34 @@ def test_sharded_policy_logprobs_match(one_rank: object) -> None:
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_one_rank_fsdp_update_with_a_kl_term_equals_policy_update(one_rank: object) -> None:
+    """The KL term's reference log-probs reach the data-parallel update (trainer.backend=ray
+    with train ranks), which then equals the single-process update with the same reference."""
+    batch = _problem(seed=3)
+    g = torch.Generator().manual_seed(9)
+    ref = batch.old_logprobs + 0.2 * torch.randn(batch.old_logprobs.shape, generator=g)
+    settings = dataclasses.replace(
+        _settings("token-mean", 3, 2, 1), kl_coef=0.5, kl_type="low_var_kl"
+    )
+    runs = []
+    for kl in (True, False):
+        s = settings if kl else dataclasses.replace(settings, kl_coef=0.0)
+        plain = _policy(_tiny_lm(0, True), "sgd")
+        want = policy_update(plain, batch, s, torch.Generator().manual_seed(5), ref_logprobs=ref)
+        sharded = shard_policy(_policy(_tiny_lm(0, True), "sgd"), one_rank, _sgd)  # type: ignore[arg-type]
+        got = data_parallel_update(
+            sharded, batch, s, torch.Generator().manual_seed(5), ref_logprobs=ref
+        )
+        _assert_same(gather_full_state_dict(sharded), plain.model.state_dict(), atol=1e-5)
+        assert ("kl" in got.metrics) == kl == ("kl" in want.metrics)
+        if kl:
+            assert float(got.metrics["kl"]) == pytest.approx(float(want.metrics["kl"]), rel=1e-4)
+        runs.append(gather_full_state_dict(sharded))
+    assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # the KL term acted
+    with pytest.raises(ValueError, match="needs the reference"):
+        data_parallel_update(sharded, batch, settings, torch.Generator())
+
+
 def test_data_parallel_update_rejects_different_batches_and_bad_backend(one_rank: object) -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         init_distributed("mpi", 0, 1, "tcp://127.0.0.1:1", 5.0)
