@@ -1,6 +1,8 @@
 """Agreement with verl 0.9.1 ``verl/trainer/ppo/core_algos.py`` (and verl-agent's GiGPO).
 
-verl is not a dependency. Each ``ref_*`` function below restates verl's semantics from the math,
+verl is not a dependency. ``test_verl_golden.py`` checks spear against numbers verl itself
+computed; this file checks properties over many random inputs (hypothesis) against restatements.
+Each ``ref_*`` function below restates verl's semantics from the math,
 in plain Python floats (float64), one group / one token at a time, deliberately unlike the
 vectorised code under test:
 
