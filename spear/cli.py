@@ -209,10 +209,11 @@ def _print_result(run_dir: Path, *, plot: bool) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from spear.evaluate import evaluate_checkpoint
 
-    ckpt = Path(args.checkpoint)
-    m = evaluate_checkpoint(ckpt, overrides=args.overrides)
-    for k, v in m.items():
+    res = evaluate_checkpoint(Path(args.checkpoint), overrides=args.overrides)
+    console.print(f"checkpoint {escape(str(res.checkpoint))} (step {res.step})")
+    for k, v in res.metrics.items():
         console.print(f"{k:32s} {v:.4f}")
+    console.print(f"metrics appended to {escape(str(res.metrics_file))}")
     return 0
 
 
@@ -259,8 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="held-out evaluation of a checkpoint directory")
-    e.add_argument("checkpoint", help="a checkpoints/step_XXXXXX directory of a run")
+    e = sub.add_parser(
+        "eval",
+        help="held-out evaluation of a checkpoint (metrics appended to <checkpoint>/eval/metrics.jsonl)",
+    )
+    e.add_argument(
+        "checkpoint",
+        help="a run directory or its checkpoints/latest (the latest checkpoint), or a checkpoints/step_XXXXXX directory",
+    )
     e.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.num_tasks=500")
     e.set_defaults(func=cmd_eval)
     pl = sub.add_parser("plot", help="write PNG curves of a run directory")
