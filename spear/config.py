@@ -177,7 +177,9 @@ class AdvantageConfig(_Section):
     estimator: str = "grpo"
     norm_by_std: bool = True
     eps: float = Field(1e-6, gt=0)
-    stats_over: Literal["episode", "sample"] = "episode"
+    # group baseline over all samples (turns) of a group, as the reference (§5.2, §5.3); "episode"
+    # = one unit per episode (mean of its turns). The same in the episode layout.
+    stats_over: Literal["episode", "sample"] = "sample"
     gigpo_gamma: float = Field(0.95, ge=0, le=1)
     gigpo_step_weight: float = Field(1.0, ge=0)
     gigpo_norm_by_std: bool = True

@@ -12,10 +12,17 @@ counts as a call is configurable: ``"tool_calls"`` = parsed, valid tool calls
 added whether or not the episode succeeded, as in the reference. ``phi(t)`` must be finite and
 >= 0 (the reference floors it at 0); a schedule that goes negative is reported, not clipped.
 
-The optional penalty is ``invalid_penalty * Episode.num_invalid_tool_calls`` (environments report
-invalid actions / malformed calls there). Every sample of an episode gets the same outcome, bonus,
-penalty and ``score = outcome + bonus - penalty``: an Episode records only counts, so in the turn
-layout the penalty is not attributed to the offending turn alone (the reference does that).
+Two penalties:
+
+* ``invalid_penalty * Episode.num_invalid_tool_calls`` (``reward.invalid_call_penalty``, off by
+  default): an Episode records only counts, so every sample of the episode pays it.
+* ``Sample.turn_penalty``: what the env charged the sample's own turn (``info["penalty"]``, e.g.
+  TextWorld's inadmissible action, :mod:`spear.envs.base`). Only that sample pays it: in the turn
+  layout the offending turn's score is ``R - 0.1``, its siblings keep ``R``, as in the reference
+  (§5.1). It is not in ``outcome_reward``.
+
+So ``score = outcome + bonus - episode penalty - turn_penalty`` per sample, and
+``sample.penalty`` is the sum of the two penalties it pays.
 """
 
 from __future__ import annotations
@@ -105,19 +112,23 @@ def assign_rewards(
         raise ValueError("every Episode.outcome_reward must be finite")
     bonus = tool_call_bonus(counts, tool_bonus.alpha, tool_bonus.cap, phi)  # [E]
     invalid = torch.tensor([e.num_invalid_tool_calls for e in episodes], dtype=torch.float64)
-    penalty = penalty_coef * invalid  # [E]
-    score = outcome + bonus - penalty  # [E]
+    penalty = penalty_coef * invalid  # [E] paid by every sample of the episode
+    turn_penalty = torch.tensor(
+        [math.fsum(s.turn_penalty for s in e.samples) for e in episodes], dtype=torch.float64
+    )  # [E] each paid by its own sample only
+    score = outcome + bonus - penalty  # [E] before the turn penalties
     for e, o, b, p, s in zip(
         episodes, outcome.tolist(), bonus.tolist(), penalty.tolist(), score.tolist()
     ):
         for sample in e.samples:
-            sample.outcome_reward, sample.tool_bonus, sample.penalty, sample.score = o, b, p, s
+            sample.outcome_reward, sample.tool_bonus = o, b
+            sample.penalty, sample.score = p + sample.turn_penalty, s - sample.turn_penalty
     capped = (tool_bonus.alpha * counts.to(torch.float64) >= tool_bonus.cap).to(torch.float64)
     return {
         "reward/outcome": _mean(outcome),
         "reward/tool_bonus": _mean(bonus),
-        "reward/penalty": _mean(penalty),
-        "reward/score": _mean(score),
+        "reward/penalty": _mean(penalty + turn_penalty),  # per episode, both kinds
+        "reward/score": _mean(score - turn_penalty),
         "reward/tool_factor": float(phi),
         "reward/counted_calls": _mean(counts.to(torch.float64)),
         "reward/bonus_capped_frac": _mean(capped),

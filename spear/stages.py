@@ -48,12 +48,13 @@ def compute_advantages(samples: Sequence[Sample], cfg: Config) -> dict[str, Tens
     episode_ids = torch.tensor([s.episode_id for s in samples], dtype=torch.long)
     step_returns = None
     if cfg.advantage.estimator == "gigpo":
+        # env rewards are discounted; a turn's penalty is then charged to that turn only (§5.3)
         step_returns = discounted_returns(
             torch.tensor([s.turn_reward for s in samples], dtype=torch.float64),
             episode_ids,
             torch.tensor([s.turn_index for s in samples], dtype=torch.long),
             cfg.advantage.gigpo_gamma,
-        )
+        ) - torch.tensor([s.turn_penalty for s in samples], dtype=torch.float64)
     inp = AdvantageInput(
         scores=scores,
         group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),

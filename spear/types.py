@@ -63,6 +63,7 @@ class Sample:
     score: float = 0.0
     advantage: float = 0.0
     turn_reward: float = 0.0  # environment reward of this turn (turn layout); GiGPO discounts it
+    turn_penalty: float = 0.0  # the env's info["penalty"] of this sample's turn(s): its score only
     anchor: str | None = None  # GiGPO anchor observation (turn layout)
     step: int = 0  # training step at which it was collected
     filtered_by: tuple[str, ...] = ()  # names of response filters that removed it

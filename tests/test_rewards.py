@@ -102,6 +102,23 @@ def test_penalty_and_score_and_metrics() -> None:
     )
 
 
+def test_a_turn_penalty_is_paid_by_its_own_sample_only() -> None:
+    # turn layout: 3 turn samples of one episode (outcome 1, bonus 0); turn 1 was inadmissible
+    tb = ToolBonus(alpha=0.0, cap=1.0, schedule=Constant(1.0), count="turns")
+    e = episode(0, outcome=1.0, turns=3, n_samples=3)
+    e.samples[1].turn_penalty = 0.1
+    m = assign_rewards([e], 3, tb, invalid_penalty=0.0)
+    assert [s.score for s in e.samples] == pytest.approx([1.0, 0.9, 1.0])
+    assert [s.penalty for s in e.samples] == pytest.approx([0.0, 0.1, 0.0])
+    assert [s.outcome_reward for s in e.samples] == [1.0, 1.0, 1.0]  # not in the outcome
+    assert m["reward/penalty"] == pytest.approx(0.1) and m["reward/score"] == pytest.approx(0.9)
+    # with invalid_call_penalty as well, every sample pays the episode's and its own turn's
+    f = episode(0, outcome=1.0, invalid=1, n_samples=2)
+    f.samples[0].turn_penalty = 0.1
+    assign_rewards([f], 3, tb, invalid_penalty=0.2)
+    assert [s.score for s in f.samples] == pytest.approx([0.7, 0.8])
+
+
 def test_no_episodes() -> None:
     tb = ToolBonus(alpha=0.1, cap=1.0, schedule=COSINE_200, count="turns")
     m = assign_rewards([], 100, tb, invalid_penalty=0.0)

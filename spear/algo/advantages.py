@@ -9,11 +9,15 @@ one sample per episode, and one sample per turn (every turn of an episode is its
 
 ``params.stats_over`` chooses the statistical unit of the group baseline:
 
-* ``"episode"``: an episode's score is the mean of its samples' scores; group mean/std are taken
-  over the group's episodes (each episode counts once, however many turns it has), and every
-  sample gets its episode's advantage. In the one-sample-per-episode layout this is plain GRPO.
-* ``"sample"``: mean/std over all samples (turns) of the group, so long episodes weigh more; this
-  is the reference agent's ``compute_mean_std_cross_all_data=True``.
+* ``"sample"`` (the config's default): mean/std over all samples (turns) of the group, so long
+  episodes weigh more; this is the reference agent's ``compute_mean_std_cross_all_data=True``,
+  for GRPO and for GiGPO's episode term (reference §5.2, §5.3).
+* ``"episode"`` (an option): an episode's score is the mean of its samples' scores; group
+  mean/std are taken over the group's episodes (each episode counts once, however many turns it
+  has), and every sample gets its episode's advantage. It keeps a long failing episode from
+  outweighing a short success in the baseline, at the price of departing from the reference.
+
+In the one-sample-per-episode layout both are plain GRPO.
 
 Standard deviation (B14): one convention everywhere, the unbiased estimate (ddof=1, as
 ``torch.std`` in verl), and ``eps`` is added to the std before dividing, as in verl:

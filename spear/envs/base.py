@@ -5,8 +5,11 @@ episode of one task and returns the first messages (system / user) plus info; ``
 model's whole response text for a turn and returns the observation messages that follow it
 (``user`` messages for text games, ``tool`` messages for tool results), the reward, and whether
 the episode is over. ``info`` may carry ``"admissible_actions"`` (text games), ``"success"``,
-``"anchor"`` (GiGPO anchor observation), ``"tool_calls"`` / ``"invalid_tool_calls"`` counts and
-``"final_answer"``.
+``"anchor"`` (GiGPO anchor observation), ``"tool_calls"`` / ``"invalid_tool_calls"`` counts,
+``"final_answer"`` and ``"penalty"`` (>= 0: what this turn costs, e.g. an inadmissible action;
+kept out of the reward and the episode's outcome: the trainer subtracts it from the score of the
+sample holding this turn only, and under GiGPO from this turn's step return only, reference
+§5.1 / §5.3).
 
 A :class:`Tool` has a name, a JSON-schema of its parameters (OpenAI function format, which
 Hugging Face chat templates render) and a call that returns text. A tool-using task is an Env

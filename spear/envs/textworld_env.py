@@ -5,10 +5,14 @@ objective, the last ``history_length`` observation/action pairs, the current obs
 admissible commands (:func:`build_turn_prompt`), and answers one admissible command inside
 ``<action>...</action>``, optionally after ``<think>...</think>`` (:func:`parse_action`). A reply
 without an action, or with a command that is not admissible, is *not* executed: the game state
-is unchanged and that turn's reward is ``-invalid_action_penalty`` (also reported in
-``info["penalty"]``, with ``info["invalid_action"] = True``), so the penalty lands on the
-offending turn only, as the reference does. Otherwise reward is sparse: 1.0 on the winning step,
-else 0.0; TextWorld's own score is kept as a metric (``info["score"]``, ``info["max_score"]``).
+is unchanged, the turn's reward is 0 and it costs ``info["penalty"] = invalid_action_penalty``
+(with ``info["invalid_action"] = True``). The penalty is not an env reward: it never enters the
+episode's outcome, the trainer subtracts it from the offending turn's sample only (its score,
+and under GiGPO its own step return, undiscounted), as the reference does (§5.1, §5.3): the
+credit for a wasted turn goes to that turn, not to the turns before it or the whole episode.
+(In the episode layout the one sample holds every turn and pays their sum.) The reward is
+sparse: 1.0 on the winning step, else 0.0; TextWorld's own score is kept as a metric
+(``info["score"]``, ``info["max_score"]``).
 (``reward.invalid_call_penalty`` would charge invalid actions a second time, per episode; leave
 it at 0 for TextWorld.)
 After ``max_steps`` actions (valid or not) an unfinished episode is truncated. ``info`` also
@@ -275,8 +279,7 @@ class TextWorldEnv:
             terminated = bool(game_over or won or self._state.get("lost"))
             reward = WIN_REWARD if won else 0.0
         else:
-            self._observation = invalid_action_feedback(action, self._anchor)
-            reward = -self.params.invalid_action_penalty
+            self._observation = invalid_action_feedback(action, self._anchor)  # info["penalty"]
         self._history.append((seen, action if action is not None else "(no action)"))
         truncated = not terminated and self._steps >= self.params.max_steps
         self._done = terminated or truncated

@@ -19,7 +19,8 @@ tokens have mask 1, everything else 0 (the math / code-interpreter setting).
 :data:`TurnPromptFormatter` from the task, the last ``history_length`` (observation, action)
 pairs and the current observation (the ALFWorld setting). Each turn sample carries
 ``turn_index``, ``anchor`` (the raw current observation, for GiGPO) and, in ``turn_reward``, the
-env reward of that turn (undiscounted: the advantage stage discounts).
+env reward of that turn (undiscounted: the advantage stage discounts), and in ``turn_penalty``
+the env's ``info["penalty"]`` of that turn (the episode layout's one sample: their sum).
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ def turn_sample(
     turn_index: int,
     anchor: str,
     reward: float,
+    penalty: float = 0.0,
 ) -> Sample:
     """One turn-layout sample: prompt (mask 0) + sampled ids (mask 1) + closing marker (mask 0)."""
     track = TokenTrack()
@@ -247,6 +249,7 @@ def turn_sample(
     )
     sample.anchor = anchor
     sample.turn_reward = reward
+    sample.turn_penalty = penalty
     return sample
 
 

@@ -124,6 +124,7 @@ class _Run:
     invalid: int = 0
     tool_errors: int = 0
     reward: float = 0.0
+    penalty: float = 0.0  # sum of the turns' info["penalty"] (not part of ``reward``)
     success: bool = False
     final_answer: str | None = None
     response_text: str = ""
@@ -282,14 +283,28 @@ def _apply_generation(r: _Run, gen: Generation, fmt: ChatFormat, params: LoopPar
         r.pending = _Pending(ids, lps, closing, r.anchor)
 
 
-def _record_step(r: _Run, res: StepResult, fmt: ChatFormat, params: LoopParams) -> float:
-    """Fold one step result into the run; return the turn's env reward."""
+def _penalty(info: dict[str, Any]) -> float:
+    """The turn's ``info["penalty"]`` (0 if absent); a negative or non-finite one raises."""
+    value = info.get("penalty", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"info['penalty'] must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"info['penalty'] must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def _record_step(
+    r: _Run, res: StepResult, fmt: ChatFormat, params: LoopParams
+) -> tuple[float, float]:
+    """Fold one step result into the run; return the turn's env reward and penalty."""
     info = res.info if isinstance(res.info, dict) else {}
     reward = float(res.reward)
     if not math.isfinite(reward):
         r.fail("step", f"non-finite reward {reward}")
-        return 0.0
+        return 0.0, 0.0
+    penalty = _penalty(info)
     r.reward += reward
+    r.penalty += penalty
     r.tool_calls += _count(info, "tool_calls")
     r.invalid += _count(info, "invalid_tool_calls") + int(bool(info.get("invalid_action")))
     if info.get("invalid_action"):
@@ -309,7 +324,7 @@ def _record_step(r: _Run, res: StepResult, fmt: ChatFormat, params: LoopParams) 
         r.end = EndReason.MAX_TOKENS
     else:
         _observe(r, list(res.messages), info, fmt, params)
-    return reward
+    return reward, penalty
 
 
 def _observe(
@@ -348,12 +363,12 @@ def _step_all(
     outcomes = _call_all(pool, [call(r) for r in batch], params.env_step_timeout_s)
     times.env_s += time.perf_counter() - t0
     for r, res in zip(batch, outcomes):
-        reward = 0.0
+        reward = penalty = 0.0
         if res.error is not None:
             r.fail("step", res.error, hung=res.hung)
         else:
             try:
-                reward = _record_step(r, res.value, fmt, params)
+                reward, penalty = _record_step(r, res.value, fmt, params)
             except Exception as exc:  # malformed StepResult or unrenderable observation
                 r.fail("observation", f"{type(exc).__name__}: {exc}")
         if r.pending is not None:
@@ -370,6 +385,7 @@ def _step_all(
                     turn_index=r.turns - 1,
                     anchor=p.anchor,
                     reward=reward,
+                    penalty=penalty,
                 )
             )
 
@@ -388,6 +404,7 @@ def _episode(r: _Run, params: LoopParams, step: int) -> Episode:
         samples = [
             r.track.to_sample(group_id=r.group_id, episode_id=r.episode_id, step=step, turn_index=0)
         ]
+        samples[0].turn_penalty = r.penalty  # the one sample holds every turn
     return Episode(
         task_id=r.task.task_id,
         group_id=r.group_id,

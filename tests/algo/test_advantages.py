@@ -270,3 +270,38 @@ def test_row_order_does_not_matter(inp: AdvantageInput, name: str, seed: int) ->
     torch.testing.assert_close(
         ADVANTAGES.get(name)(shuffled, p), ADVANTAGES.get(name)(inp, p)[perm]
     )
+
+
+def gigpo_turn_layout() -> AdvantageInput:
+    """One group: episode 10 has three turns (scores 1), episode 11 one turn (score 0); the first
+    turns of both share an anchor, with step returns 0.9025 and 0."""
+    return AdvantageInput(
+        scores=torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64),
+        group_ids=torch.tensor([0, 0, 0, 0]),
+        episode_ids=torch.tensor([10, 10, 10, 11]),
+        valid=torch.ones(4, dtype=torch.bool),
+        step_returns=torch.tensor([0.9025, 0.95, 1.0, 0.0], dtype=torch.float64),
+        anchor_ids=torch.tensor([0, 1, 2, 0]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("stats_over", "episode_term"),
+    [
+        # the reference (§5.2, §5.3): mean over the group's 4 turns = 0.75 -> +0.25 / -0.75
+        ("sample", [0.25, 0.25, 0.25, -0.75]),
+        # the option: mean over the 2 episodes' scores (1, 0) = 0.5 -> +-0.5
+        ("episode", [0.5, 0.5, 0.5, -0.5]),
+    ],
+)
+def test_gigpo_episode_term_over_turns_or_episodes(
+    stats_over: str, episode_term: list[float]
+) -> None:
+    # step term (no std): anchor 0 holds returns 0.9025 and 0 -> mean 0.45125 -> +-0.45125;
+    # the other anchors are single turns -> 0
+    step = [0.45125, 0.0, 0.0, -0.45125]
+    a = ADVANTAGES.get("gigpo")(
+        gigpo_turn_layout(), params(stats_over=stats_over, gigpo_norm_by_std=False)
+    )
+    want = torch.tensor([e + s for e, s in zip(episode_term, step)], dtype=torch.float64)
+    torch.testing.assert_close(a, want, atol=1e-12, rtol=0)

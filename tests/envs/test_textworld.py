@@ -298,8 +298,8 @@ def test_invalid_action_is_not_executed_and_costs_the_penalty(train_tasks: list[
     for text, parsed in [("<action>dance wildly</action>", "dance wildly"), ("go east", None)]:
         res = env.step(text)
         assert res.info["invalid_action"] is True and res.info["penalty"] == pytest.approx(0.1)
-        # The turn's reward is minus the penalty; the episode goes on.
-        assert res.info["action"] == parsed and res.reward == pytest.approx(-0.1)
+        # The penalty is reported, not paid out of the env reward; the episode goes on.
+        assert res.info["action"] == parsed and res.reward == 0.0
         assert not res.terminated
         # State unchanged: same anchor, same admissible commands, same score.
         assert res.info["anchor"] == info0["anchor"]

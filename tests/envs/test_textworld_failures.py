@@ -129,9 +129,10 @@ def test_failed_generation_and_crash_fail_only_their_episodes(tasks: list[Task])
 
 def test_invalid_action_penalty_lands_on_its_turn(tasks: list[Task]) -> None:
     (episode,) = _play(tasks[:1], "<action>dance wildly</action>")
-    # Never executed: 4 turns, each rewarded -0.1, the episode's outcome -0.4.
-    assert [s.turn_reward for s in episode.samples] == pytest.approx([-0.1] * 4)
-    assert episode.outcome_reward == pytest.approx(-0.4)
+    # Never executed: 4 turns, each costing 0.1 on its own sample; no env reward, outcome 0.
+    assert [s.turn_penalty for s in episode.samples] == pytest.approx([0.1] * 4)
+    assert [s.turn_reward for s in episode.samples] == [0.0] * 4
+    assert episode.outcome_reward == 0.0
     assert episode.num_invalid_tool_calls == 4 and episode.end_reason is EndReason.TERMINATED
 
 

@@ -196,6 +196,7 @@ class EnvScript:
     anchors: bool = False
     success: bool = True
     observation_role: str = "tool"
+    penalties: tuple[float, ...] = ()  # info["penalty"] of turn k (none past the tuple)
 
 
 class ScriptedEnv:
@@ -227,6 +228,8 @@ class ScriptedEnv:
         info: dict[str, Any] = {"tool_calls": 1, "invalid_tool_calls": k % 2, "tool_errors": 0}
         if s.anchors:
             info["anchor"] = f"state {k + 1}"
+        if k < len(s.penalties):
+            info["penalty"] = s.penalties[k]
         if s.answer_turn is not None and k + 1 >= s.answer_turn:
             info.update(final_answer=f"answer {k}", success=s.success, tool_calls=0)
             return StepResult(messages=[], reward=s.rewards[k], terminated=True, info=info)

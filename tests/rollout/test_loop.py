@@ -226,6 +226,35 @@ def test_turn_layout_one_sample_per_turn(tokenizer, env_factory) -> None:
     assert "Current observation (step 3):\nresult 1" in text
 
 
+@pytest.mark.parametrize("layout", ["turn", "episode"])
+def test_a_turn_penalty_lands_on_its_sample_and_not_in_the_outcome(
+    tokenizer, env_factory, layout: str
+) -> None:
+    fmt = ChatFormat(tokenizer, [tool_schema(t) for t in TOOLS])
+    engine = ScriptedEngine(lambda c, i, p: [*fmt.encode(f"go {c}"), fmt.eot_ids[0]])
+    script = EnvScript(answer_turn=3, rewards=(0.0, 0.0, 1.0), penalties=(0.0, 0.1, 0.0))
+    (e,) = run(
+        engine, tokenizer, env_factory(script), loop_params(layout=layout), tasks=TASKS[:1],
+        group_size=1,
+    )  # fmt: skip
+    assert e.outcome_reward == 1.0  # the env's rewards only
+    if layout == "turn":
+        assert [s.turn_penalty for s in e.samples] == [0.0, 0.1, 0.0]
+        assert [s.turn_reward for s in e.samples] == [0.0, 0.0, 1.0]
+    else:
+        assert [s.turn_penalty for s in e.samples] == [0.1]  # the one sample holds every turn
+
+
+def test_a_negative_penalty_fails_its_episode(tokenizer, env_factory) -> None:
+    fmt = ChatFormat(tokenizer, [tool_schema(t) for t in TOOLS])
+    engine = ScriptedEngine(lambda c, i, p: [*fmt.encode("go"), fmt.eot_ids[0]])
+    (e,) = run(
+        engine, tokenizer, env_factory(EnvScript(penalties=(-0.1,))), loop_params(),
+        tasks=TASKS[:1], group_size=1,
+    )  # fmt: skip
+    assert e.end_reason == EndReason.ENV_ERROR and "info['penalty']" in str(e.info)
+
+
 def test_turn_layout_with_an_env_rendered_prompt(tokenizer, env_factory) -> None:
     fmt = ChatFormat(tokenizer, None)
     engine = ScriptedEngine(lambda c, i, p: fmt.encode("go") + fmt.eot_ids)
