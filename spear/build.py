@@ -10,42 +10,21 @@ from pathlib import Path
 
 from spear.algo.losses import PolicyLossParams
 from spear.config import Config
-from spear.envs.base import TaskSource
+from spear.envs.base import Env, TaskSource
 from spear.filters import RESPONSE_FILTERS, ResponseFilterParams
 from spear.policy import Policy, apply_lora, build_optimizer, load_pretrained, resolve_device
 from spear.reference import ReferencePolicy, build_reference
-from spear.registry import Registry
 from spear.replay import ReplayBuffer, ReplayParams
 from spear.rewards import ToolBonus
 from spear.rollout.engine import HFEngine, SamplingParams
 from spear.rollout.loop import LoopParams
 from spear.schedules import Schedule, schedule_from_spec
+from spear.tasks import TASKS, build_task, env_factory
 from spear.update import UpdateSettings
 
 log = logging.getLogger(__name__)
 
-TASK_SOURCES: Registry[Callable[[Config], TaskSource]] = Registry("task")
-
-
-@TASK_SOURCES.register("arithmetic")
-def _arithmetic(cfg: Config) -> TaskSource:
-    from spear.envs.arithmetic import ArithmeticTasks
-
-    return ArithmeticTasks.from_config(cfg)
-
-
-@TASK_SOURCES.register("math")
-def _math(cfg: Config) -> TaskSource:
-    from spear.envs.math_task import MathTasks
-
-    return MathTasks.from_config(cfg)
-
-
-@TASK_SOURCES.register("textworld")
-def _textworld(cfg: Config) -> TaskSource:
-    from spear.envs.textworld_env import TextWorldTasks
-
-    return TextWorldTasks.from_config(cfg)
+TASK_SOURCES = TASKS  # the task registry (spear.tasks); register with spear.tasks.register_task
 
 
 @dataclass
@@ -53,6 +32,7 @@ class Components:
     policy: Policy
     engine: HFEngine
     source: TaskSource
+    make_env: Callable[[], Env]  # what env workers call (spear.tasks.env_factory)
     buffer: ReplayBuffer | None
     tool_bonus: ToolBonus
     sil_weight: Schedule
@@ -64,23 +44,24 @@ class Components:
     reference: ReferencePolicy | None = None  # the KL loss's frozen policy (loss.kl_coef > 0)
 
 
-def model_dir(cfg: Config) -> str:
+def model_dir(cfg: Config, source: TaskSource | None = None) -> str:
     """Where the policy's initial weights load from: ``model.path``, or the built-in model's
-    warm-started cache directory (built on first use)."""
+    warm-started cache directory (built on first use from the demonstrations of the task,
+    ``source`` or the one ``task.name`` names)."""
     if cfg.model.path is not None:
         return cfg.model.path
     from spear.models.warmstart import WarmStartParams, ensure_warm_model
 
-    warm = WarmStartParams.from_config(cfg)
+    warm = WarmStartParams.from_config(cfg, source)
     return str(
         ensure_warm_model(Path(cfg.model.cache_dir).expanduser(), warm, cfg.model.warm_start.seed)
     )
 
 
-def build_policy(cfg: Config) -> Policy:
+def build_policy(cfg: Config, source: TaskSource | None = None) -> Policy:
     device = resolve_device(cfg.trainer.device)
     tokenizer_path = cfg.model.tokenizer_path if cfg.model.path is not None else None
-    model, tok = load_pretrained(model_dir(cfg), tokenizer_path, cfg.model.dtype)
+    model, tok = load_pretrained(model_dir(cfg, source), tokenizer_path, cfg.model.dtype)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg)
     if cfg.model.gradient_checkpointing:
@@ -188,8 +169,11 @@ def response_filter_params(cfg: Config) -> ResponseFilterParams:
     return ResponseFilterParams(enabled=enabled, ngram=f.ngram, ngram_repeats=f.ngram_repeats)
 
 
-def build_components(cfg: Config) -> Components:
-    policy = build_policy(cfg)
+def build_components(cfg: Config, task: TaskSource | None = None) -> Components:
+    """Everything a run needs; ``task`` replaces the source ``task.name`` names (a task passed in
+    Python, ``Trainer(cfg, run_dir, task=...)``)."""
+    source = task if task is not None else build_task(cfg)
+    policy = build_policy(cfg, source)
     engine = HFEngine(
         policy.model,
         policy.tokenizer,
@@ -199,7 +183,8 @@ def build_components(cfg: Config) -> Components:
     return Components(
         policy=policy,
         engine=engine,
-        source=TASK_SOURCES.get(cfg.task.name)(cfg),
+        source=source,
+        make_env=env_factory(cfg, source, given=task is not None),
         buffer=ReplayBuffer(replay_params(cfg), seed=cfg.trainer.seed)
         if cfg.replay.enabled
         else None,

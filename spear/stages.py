@@ -126,4 +126,17 @@ def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float
         f"{prefix}/episodes": float(len(episodes)),
     }
     out.update({f"{prefix}/end_{k}": v / n for k, v in sorted(ends.items())})
+    out.update(reward_term_metrics(episodes, prefix))
     return out
+
+
+def reward_term_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+    """``{prefix}/reward_<name>``: the mean of each named reward term over all ``episodes``
+    (an episode without the term, e.g. one cut off before answering, counts 0)."""
+    sums: dict[str, float] = {}
+    for e in episodes:
+        terms = e.info.get("reward_terms")
+        for name, value in (terms if isinstance(terms, dict) else {}).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    n = max(1, len(episodes))
+    return {f"{prefix}/reward_{name}": v / n for name, v in sorted(sums.items())}

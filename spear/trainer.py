@@ -37,6 +37,7 @@ from spear.checkpoint import (
     save_checkpoint,
 )
 from spear.config import Config
+from spear.envs.base import TaskSource
 from spear.filters import apply_group_filter, apply_response_filters
 from spear.interrupts import TrainingInterrupted, finish_step_on_sigint
 from spear.metrics import MetricLogger, logged_steps, sync_metrics
@@ -85,7 +86,15 @@ def _trainable(samples: Sequence[Sample]) -> list[Sample]:
 class Trainer:
     """Trains a policy with the configured recipe; see the module docstring for one step."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        task: TaskSource | None = None,
+    ) -> None:
+        """``task``: train on this source instead of the one ``cfg.task.name`` names."""
         self.cfg = cfg
         self.run_dir = run_dir
         if cfg.trainer.num_threads:
@@ -93,7 +102,7 @@ class Trainer:
         if cfg.trainer.retain_freed_memory:
             retain_freed_memory()
         torch.manual_seed(cfg.trainer.seed)
-        self.c: Components = build_components(cfg)
+        self.c: Components = build_components(cfg, task)
         self.step = 0
         self.nonfinite_streak = 0
         self._pending_row: dict[str, float] | None = None  # a restored step awaiting its row

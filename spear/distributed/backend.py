@@ -122,7 +122,7 @@ class RayBackend:
         c, cfg = self.c, self.cfg
         if d.env_workers:
             self.env_pool = RayEnvPool(
-                c.source.make_env,
+                c.make_env,
                 EnvPoolParams(
                     num_workers=d.env_workers, cpus_per_worker=d.cpus_per_env_worker,
                     call_timeout_s=env_call_timeout(self.cfg), start_timeout_s=d.start_timeout_s,
@@ -132,7 +132,7 @@ class RayBackend:
         if d.rollout_workers:
             spec = ReplicaSpec(
                 model=cpu_module(c.policy.model), tokenizer=c.policy.tokenizer,
-                model_path=model_dir(cfg) if d.rollout_engine == "vllm" else None,
+                model_path=model_dir(cfg, c.source) if d.rollout_engine == "vllm" else None,
                 device="cuda" if d.gpus_per_rollout_worker > 0 else "cpu",
                 num_threads=d.worker_threads, gpu_memory_utilization=d.vllm_gpu_memory_utilization,
                 keep_kv_cache=cfg.rollout.keep_kv_cache,

@@ -6,8 +6,10 @@ turn with the configured tool-call parser:
 * no call at all: the turn is the final answer; the scorer gives reward and success and the
   episode terminates (``info["final_answer"]`` is the extracted answer, or None);
 * otherwise every call becomes one ``tool`` message, in order: a valid call runs its tool (in a
-  daemon thread under ``tool_timeout_s``, so a hung tool never blocks the loop), a bad call gets
-  an error text. Calls beyond ``max_calls_per_turn`` are not run and say so.
+  daemon thread under the tool's own ``timeout_s`` if it has one, else ``tool_timeout_s``, so a
+  hung tool never blocks the loop), a bad call gets an error text. Calls beyond
+  ``max_calls_per_turn`` are not run and say so. ``ToolEnv.calls`` keeps a
+  :class:`CallRecord` of every attempted call of the episode.
 
 Nothing the model writes or a tool does raises out of ``step``: malformed JSON, unknown tools,
 wrong argument types, a tool that raises, hangs, returns a non-string or non-UTF-8 bytes, or
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from spear.envs.answers import Score
 from spear.envs.base import StepResult, Task, Tool
+from spear.envs.function_tool import schema_problem
 from spear.rollout.parsers import InvalidCall, Parser, ToolCall
 from spear.types import Message
 
@@ -32,14 +36,16 @@ Scorer = Callable[[str, Task], Score]
 # ask for and their warm-start demonstrations are written in; ``rollout.parser`` overrides it
 NATIVE_PARSER = "hermes"
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-}
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One attempted tool call of an episode: the tool's name (``"invalid"`` for an unreadable
+    block), its arguments, the observation text the model got, and whether the tool ran and
+    returned (False for bad calls, tool errors and time-outs)."""
+
+    name: str
+    arguments: dict[str, Any]
+    output: str
+    ok: bool
 
 
 def truncate(text: str, limit: int) -> str:
@@ -60,8 +66,9 @@ def as_text(value: Any) -> str:
 
 
 def check_arguments(tool: Tool, arguments: dict[str, Any]) -> str | None:
-    """Why ``arguments`` do not fit ``tool``'s JSON schema (required keys, top-level types,
-    unknown keys), or None when they do."""
+    """Why ``arguments`` do not fit ``tool``'s JSON schema (required keys, unknown keys, and
+    each argument's type, enum and nested items, see
+    :func:`~spear.envs.function_tool.schema_problem`), or None when they do."""
     schema = tool.parameters or {}
     props: dict[str, Any] = schema.get("properties", {})
     missing = [k for k in schema.get("required", []) if k not in arguments]
@@ -71,11 +78,11 @@ def check_arguments(tool: Tool, arguments: dict[str, Any]) -> str | None:
     if unknown and props:
         return f"{tool.name} has no argument(s) {', '.join(map(repr, unknown))}; it takes {', '.join(props)}"
     for key, value in arguments.items():
-        want = props.get(key, {}).get("type")
-        types = _JSON_TYPES.get(want) if isinstance(want, str) else None
-        bad_bool = isinstance(value, bool) and want in ("integer", "number")
-        if types is not None and (bad_bool or not isinstance(value, types)):
-            return f"argument {key!r} of {tool.name} must be of type {want}, got {type(value).__name__}"
+        sub = props.get(key)
+        if isinstance(sub, dict):
+            problem = schema_problem(sub, value, f"argument {key!r} of {tool.name}")
+            if problem is not None:
+                return problem
     return None
 
 
@@ -121,9 +128,11 @@ class ToolEnv:
         self.max_calls_per_turn = max_calls_per_turn
         self.max_observation_chars = max_observation_chars
         self._task: Task | None = None
+        self.calls: list[CallRecord] = []  # this episode's attempted calls, in order
 
     def reset(self, task: Task, *, seed: int | None = None) -> tuple[list[Message], dict[str, Any]]:
         self._task = task
+        self.calls = []
         messages: list[Message] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
@@ -145,37 +154,39 @@ class ToolEnv:
             if k >= self.max_calls_per_turn:
                 text = f"error: at most {self.max_calls_per_turn} tool call(s) per turn; this one was not run"
                 counts["invalid_tool_calls"] += 1
+                ok = False
             else:
-                text = self._run(call, counts)
+                text, ok = self._run(call, counts)
             name = call.name if isinstance(call, ToolCall) else "invalid"
-            messages.append(
-                {
-                    "role": "tool",
-                    "name": name,
-                    "content": truncate(text, self.max_observation_chars),
-                }
-            )
+            content = truncate(text, self.max_observation_chars)
+            messages.append({"role": "tool", "name": name, "content": content})
+            args = call.arguments if isinstance(call, ToolCall) else {}
+            self.calls.append(CallRecord(name, dict(args), content, ok))
         return StepResult(messages, 0.0, terminated=False, info=counts)
 
-    def _run(self, call: ToolCall | InvalidCall, counts: dict[str, int]) -> str:
+    def _run(self, call: ToolCall | InvalidCall, counts: dict[str, int]) -> tuple[str, bool]:
+        """The observation text of one call and whether the tool ran and returned."""
         if isinstance(call, InvalidCall):
             counts["invalid_tool_calls"] += 1
-            return f"error: {call.error}"
+            return f"error: {call.error}", False
         tool = self.tools.get(call.name)
         if tool is None:
             counts["invalid_tool_calls"] += 1
-            return f"error: unknown tool {call.name!r}; available: {', '.join(sorted(self.tools))}"
+            known = ", ".join(sorted(self.tools))
+            return f"error: unknown tool {call.name!r}; available: {known}", False
         problem = check_arguments(tool, call.arguments)
         if problem is not None:
             counts["invalid_tool_calls"] += 1
-            return f"error: {problem}"
+            return f"error: {problem}", False
         counts["tool_calls"] += 1
-        value, error = run_with_timeout(lambda: tool(**call.arguments), self.tool_timeout_s)
+        timeout = getattr(tool, "timeout_s", None) or self.tool_timeout_s  # a tool's own wins
+        value, error = run_with_timeout(lambda: tool(**call.arguments), timeout)
         if error is not None:
             counts["tool_errors"] += 1
-            return f"error: tool {call.name} failed: {error}"
+            return f"error: tool {call.name} failed: {error}", False
         text = as_text(value)
-        return text if text.strip() else "(the tool printed nothing)"
+        return (text if text.strip() else "(the tool printed nothing)"), True
 
     def close(self) -> None:
         self._task = None
+        self.calls = []

@@ -42,7 +42,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
 from spear.envs.arithmetic import ArithmeticTasks
-from spear.envs.base import Env, Task, tool_schema
+from spear.envs.base import Env, Task, TaskSource, tool_schema
 from spear.models.tiny import TinyModelParams, build_tiny_model
 from spear.models.tokenizer import Conversation, TokenizerParams, chat_ids, train_tokenizer
 from spear.registry import Registry
@@ -96,19 +96,20 @@ class WarmStartParams:
             )
 
     @classmethod
-    def from_config(cls, cfg: Config) -> WarmStartParams:
+    def from_config(cls, cfg: Config, source: TaskSource | None = None) -> WarmStartParams:
         """The warm-start parameters of a run configuration (``model.tiny``, ``model.warm_start``
-        and, through the task's demonstration source, the task settings)."""
-        from spear.config import ConfigError
-
-        if cfg.task.name not in DEMO_SOURCES:
-            raise ConfigError(
-                f"task.name={cfg.task.name} has no warm start for the built-in tiny model (it has "
-                f"one for: {', '.join(DEMO_SOURCES.names())}); set model.path to a pretrained model"
-            )
+        and, through the task's demonstration source, the task settings). ``source`` is the
+        run's task source (default: the one ``task.name`` names); a task without its own entry
+        in :data:`DEMO_SOURCES` warm starts on its scripted demonstrations
+        (:mod:`spear.models.scripted_demos`)."""
+        name = source.name if source is not None else cfg.task.name
+        if name in DEMO_SOURCES:
+            source_name, task = name, DEMO_SOURCES.get(name)().params_from_config(cfg)
+        else:
+            source_name, task = SCRIPTED, _scripted_params(cfg, source)
         t, w = cfg.model.tiny, cfg.model.warm_start
         return cls(
-            source=cfg.task.name,
+            source=source_name,
             tokenizer=TokenizerParams(vocab_size=t.vocab_size),
             model=TinyModelParams(
                 hidden_size=t.hidden_size,
@@ -117,7 +118,7 @@ class WarmStartParams:
                 num_heads=t.num_heads,
                 max_position_embeddings=t.max_position_embeddings,
             ),
-            task=DEMO_SOURCES.get(cfg.task.name)().params_from_config(cfg),
+            task=task,
             num_demos=w.num_demos,
             steps=w.steps,
             batch_size=w.batch_size,
@@ -134,6 +135,22 @@ class WarmStartParams:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _scripted_params(cfg: Config, source: TaskSource | None) -> Any:
+    from spear.config import ConfigError
+    from spear.models.scripted_demos import ScriptedDemoParams, has_demonstration
+    from spear.tasks import build_task
+
+    source = source if source is not None else build_task(cfg)
+    if not has_demonstration(source):
+        raise ConfigError(
+            f"task.name={cfg.task.name} has no warm start for the built-in tiny model (it has "
+            f"one for: {', '.join(n for n in DEMO_SOURCES.names() if n != SCRIPTED)}, and for tasks with a "
+            "demonstration(task) method, e.g. FunctionTask(demonstration=...)); set model.path "
+            "to a pretrained model"
+        )
+    return ScriptedDemoParams.from_source(cfg, source)
+
+
 def key_fields(params: WarmStartParams) -> dict[str, Any]:
     """The fields the cache key hashes: every field, nested records included, except those
     marked ``metadata={"cache_key": False}`` (where files live, worker counts).
@@ -148,15 +165,16 @@ def key_fields(params: WarmStartParams) -> dict[str, Any]:
     return out
 
 
-def _record_key_fields(obj: Any) -> Any:
+def _record_key_fields(obj: Any, marker: str = "cache_key") -> Any:
+    """``obj`` as plain data, leaving out the fields whose metadata sets ``marker`` False."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {
-            f.name: _record_key_fields(getattr(obj, f.name))
+            f.name: _record_key_fields(getattr(obj, f.name), marker)
             for f in dataclasses.fields(obj)
-            if f.metadata.get("cache_key", True)
+            if f.metadata.get(marker, True)
         }
     if isinstance(obj, tuple | list):
-        return [_record_key_fields(v) for v in obj]
+        return [_record_key_fields(v, marker) for v in obj]
     return obj
 
 
@@ -187,6 +205,19 @@ def _arithmetic_source() -> DemoSource:
         return make_demos(ArithmeticTasks(params.task), params, seed), {}
 
     return DemoSource(params_from_config=ArithmeticTasks.params_from_config, make_demos=make)
+
+
+SCRIPTED = "scripted"  # the source of tasks that script their own demonstrations
+
+
+@DEMO_SOURCES.register(SCRIPTED)
+def _scripted_source() -> DemoSource:
+    from spear.models.scripted_demos import make_scripted_demos
+
+    def no_config(cfg: Config) -> Any:
+        raise ValueError("scripted demonstrations take their parameters from the task source")
+
+    return DemoSource(params_from_config=no_config, make_demos=make_scripted_demos)
 
 
 @DEMO_SOURCES.register("textworld")
@@ -455,7 +486,7 @@ def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[
     tok.save_pretrained(out_dir)
     tail = losses[-max(1, len(losses) // 10) :]
     report = {
-        "params": dataclasses.asdict(params),
+        "params": _record_key_fields(params, "report"),
         "seed": seed,
         "version": CACHE_VERSION,
         "vocab_size": len(tok),

@@ -311,6 +311,11 @@ def _record_step(
         r.info.setdefault("invalid_turns", []).append(r.turns - 1)
     r.tool_errors += _count(info, "tool_errors")
     r.success = bool(info.get("success", False))
+    terms = info.get("reward_terms")
+    if isinstance(terms, dict):  # the named parts of a task's reward (FunctionTask), logged
+        r.info["reward_terms"] = {
+            str(k): float(v) for k, v in terms.items() if isinstance(v, int | float)
+        }
     has_answer, answer = _final_answer(info)
     r.final_answer = answer if has_answer else r.final_answer
     if info.get("env_error"):  # an env wrapper (worker pool) that reports its crash in info

@@ -113,6 +113,12 @@ def _split(
     return ParsedTurn(tuple(calls), tuple(invalid), pattern.sub("", text).strip())
 
 
+def hermes_call(name: str, arguments: dict[str, Any]) -> str:
+    """The text of one Hermes-style call, as the model writes it (what :func:`parse_hermes`
+    reads back as ``ToolCall(name, arguments)``)."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
 @PARSERS.register("hermes")
 def parse_hermes(text: str) -> ParsedTurn:
     """Hermes / Qwen ``<tool_call>{json}</tool_call>`` blocks."""
