@@ -279,8 +279,9 @@ def _call_user(fn: Callable[..., Any], task: Task, trace: EpisodeTrace, what: st
 class FunctionTask:
     """A :class:`~spear.envs.base.TaskSource` from data plus functions (module docstring).
 
-    ``config``: when given, ``rollout.tool_timeout_s`` and ``rollout.max_observation_chars`` of
-    the run replace ``tool_timeout_s`` / ``max_observation_chars``.
+    ``config``: when given, the run's ``rollout.tool_timeout_s``, ``rollout.max_observation_chars``
+    and (when set) ``rollout.parser`` replace ``tool_timeout_s``, ``max_observation_chars`` and
+    ``parser``.
     """
 
     def __init__(
@@ -308,14 +309,15 @@ class FunctionTask:
         max_observation_chars: int = 512,
         config: Config | None = None,
     ) -> None:
+        if config is not None:  # the run's settings win
+            parser = config.rollout.parser or parser
+            tool_timeout_s = config.rollout.tool_timeout_s
+            max_observation_chars = config.rollout.max_observation_chars
         PARSERS.get(parser)  # an unknown parser is an error now, naming the known ones
         if not 0 < held_out_fraction < 1:
             raise TaskDataError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
         if max_calls_per_turn < 1:
             raise TaskDataError(f"max_calls_per_turn must be >= 1, got {max_calls_per_turn}")
-        if config is not None:
-            tool_timeout_s = config.rollout.tool_timeout_s
-            max_observation_chars = config.rollout.max_observation_chars
         self.name, self.parser, self.system_prompt = name, parser, system_prompt
         self._tools = as_tools(tools)
         self.rewards = _named_rewards(rewards, reward_weights)

@@ -36,6 +36,7 @@ Scorer = Callable[[str, Task], Score]
 # ask for and their warm-start demonstrations are written in; ``rollout.parser`` overrides it
 NATIVE_PARSER = "hermes"
 
+
 @dataclass(frozen=True, slots=True)
 class CallRecord:
     """One attempted tool call of an episode: the tool's name (``"invalid"`` for an unreadable
