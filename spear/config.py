@@ -98,6 +98,10 @@ class TaskConfig(_Section):
     sandbox_url: str | None = None  # sandbox=fusion: SandboxFusion server, e.g. http://host:8080
     sandbox_memory_mb: int = Field(1024, ge=64)
     sandbox_max_processes: int = Field(64, ge=1)
+    # math: a symbolic answer check (math-verify in a child process) that runs past this wall
+    # clock or this address space is stopped and the answer counts as wrong
+    answer_check_timeout_s: float = Field(5.0, gt=0)
+    answer_check_memory_mb: int = Field(512, ge=256)
     challenge: str = "tw-coin_collector"  # textworld
     textworld_level: int = Field(1, ge=1)
     game_cache_dir: str = "~/.cache/spear/textworld"

@@ -124,6 +124,11 @@ def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float
         )
         / n,
         f"{prefix}/episodes": float(len(episodes)),
+        # final answers scored wrong because their symbolic check hit its time or memory bound
+        f"{prefix}/answer_check_timeouts": sum(
+            bool(e.info.get("answer_check_bounded")) for e in episodes
+        )
+        / n,
     }
     out.update({f"{prefix}/end_{k}": v / n for k, v in sorted(ends.items())})
     out.update(reward_term_metrics(episodes, prefix))

@@ -7,32 +7,23 @@
   :class:`~fractions.Fraction`.
 * :func:`answers_match` compares numerically when both sides are numbers, otherwise after a
   LaTeX-light string normalisation, and finally (math task) with Hugging Face ``math-verify``
-  when it is installed, which handles symbolic equivalence (``\\sqrt{2}/2`` = ``1/\\sqrt{2}``).
+  when it is installed, which handles symbolic equivalence (``\\sqrt{2}/2`` = ``1/\\sqrt{2}``),
+  in a child process bounded in time and memory (:mod:`spear.envs.symbolic`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
 from spear.envs.base import Task
+from spear.envs.symbolic import SymbolicChecker, Verdict
 
 log = logging.getLogger(__name__)
 
-
-class _NoTimeoutWarning(logging.Filter):
-    """Drops math-verify's per-call warning that its timeout is off (we turn it off in threads)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
-
-
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_NoTimeoutWarning())
 
 _BOX_OPENERS = ("\\boxed{", "\\fbox{", "\\boxed {")
 _FRAC = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
@@ -47,6 +38,7 @@ class Score:
     reward: float
     success: bool
     answer: str | None
+    check_bounded: bool = False  # the symbolic check was stopped by its time or memory bound
 
 
 def extract_boxed(text: str) -> str | None:
@@ -102,54 +94,56 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", "", _strip_wrappers(text)).lower()
 
 
-def _math_verify(pred: str, truth: str) -> bool:
-    try:
-        from math_verify import parse, verify
-    except ImportError:  # optional: the normalised comparison stands alone
-        return False
-    # math-verify's own timeouts use signal.alarm, which only works in the main thread; envs are
-    # stepped in worker threads, where the loop's env-step timeout bounds the call instead.
-    main = threading.current_thread() is threading.main_thread()
-    timeout = 5 if main else None
-    try:
-        gold = parse(f"${truth}$", parsing_timeout=timeout)  # type: ignore[arg-type]
-        answer = parse(f"${pred}$", parsing_timeout=timeout)  # type: ignore[arg-type]
-        return bool(verify(gold, answer, timeout_seconds=timeout))
-    except Exception as e:  # math-verify can fail on odd LaTeX; never fail the episode
-        log.debug("math-verify could not compare %r and %r: %s", pred, truth, e)
-        return False
+_checker: SymbolicChecker | None = None
 
 
-def answers_match(pred: str, truth: str, *, symbolic: bool = False) -> bool:
-    """Whether ``pred`` and ``truth`` denote the same answer.
+def default_checker() -> SymbolicChecker:
+    """The process's shared :class:`SymbolicChecker` with the default limits."""
+    global _checker
+    if _checker is None:
+        _checker = SymbolicChecker()
+    return _checker
+
+
+def compare_answers(pred: str, truth: str, checker: SymbolicChecker | None = None) -> Verdict:
+    """Whether ``pred`` and ``truth`` denote the same answer, as a :class:`Verdict`.
 
     Numbers compare exactly as fractions (``"1,000"`` = ``"1000.0"``, ``"\\frac{1}{2}"`` =
-    ``"0.5"``); other answers compare after :func:`normalize_text`; with ``symbolic`` a failed
-    comparison is retried with ``math-verify``.
+    ``"0.5"``); other answers compare after :func:`normalize_text`; with a ``checker`` a failed
+    comparison is retried symbolically (``math-verify``, bounded in time and memory).
     """
     a, b = parse_number(pred), parse_number(truth)
     if a is not None and b is not None:
-        return a == b
+        return Verdict.EQUAL if a == b else Verdict.DIFFERENT
     if normalize_text(pred) == normalize_text(truth):
-        return True
-    return symbolic and _math_verify(pred, truth)
+        return Verdict.EQUAL
+    return checker.check(pred, truth) if checker is not None else Verdict.DIFFERENT
 
 
-def _score_boxed(text: str, task: Task, *, symbolic: bool, wrong: float) -> Score:
+def answers_match(pred: str, truth: str, *, symbolic: bool = False) -> bool:
+    """:func:`compare_answers` as a yes/no; ``symbolic`` uses :func:`default_checker`."""
+    checker = default_checker() if symbolic else None
+    return compare_answers(pred, truth, checker) is Verdict.EQUAL
+
+
+def _score_boxed(text: str, task: Task, *, checker: SymbolicChecker | None, wrong: float) -> Score:
     answer = extract_boxed(text)
     if answer is None or task.answer is None:
         return Score(wrong, False, answer)
-    ok = answers_match(answer, str(task.answer), symbolic=symbolic)
-    return Score(1.0 if ok else wrong, ok, answer)
+    verdict = compare_answers(answer, str(task.answer), checker)
+    ok = verdict is Verdict.EQUAL
+    return Score(1.0 if ok else wrong, ok, answer, check_bounded=verdict.bounded)
 
 
 def score_boxed_number(text: str, task: Task) -> Score:
     """Built-in arithmetic task: 1 for a ``\\boxed{}`` number equal to the answer, else 0."""
-    return _score_boxed(text, task, symbolic=False, wrong=0.0)
+    return _score_boxed(text, task, checker=None, wrong=0.0)
 
 
-def score_boxed_math(text: str, task: Task) -> Score:
+def score_boxed_math(text: str, task: Task, checker: SymbolicChecker | None = None) -> Score:
     """Math task (reference §6.2): +1 for a correct last ``\\boxed{}`` answer, -1 otherwise;
     answers are compared numerically, then normalised, then symbolically (math-verify). Unlike
-    the reference the whole response is searched, not its last 300 characters."""
-    return _score_boxed(text, task, symbolic=True, wrong=-1.0)
+    the reference the whole response is searched, not its last 300 characters. ``checker``:
+    the symbolic checker (default: :func:`default_checker`); an answer whose check hit its time
+    or memory bound is wrong, with ``check_bounded`` set."""
+    return _score_boxed(text, task, checker=checker or default_checker(), wrong=-1.0)

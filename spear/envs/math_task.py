@@ -16,10 +16,11 @@ across runs and files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from spear.envs.sandbox import (
     LocalSandbox,
     SandboxFusionClient,
 )
+from spear.envs.symbolic import CheckLimits, SymbolicChecker
 from spear.envs.tool_env import NATIVE_PARSER
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ class MathParams:
     sandbox_url: str | None
     sandbox_memory_mb: int
     sandbox_max_processes: int
+    answer_check: CheckLimits = field(default_factory=CheckLimits)  # symbolic answer checks
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -186,6 +189,7 @@ class MathTasks:
         self.parser = parser  # a spear.rollout.parsers name: how make_env's env reads calls
         self._tool = tool
         self._pools: dict[str, list[Task]] = {}
+        self.checker = SymbolicChecker(params.answer_check)  # shared by this source's envs
 
     @staticmethod
     def params_from_config(cfg: Config) -> MathParams:
@@ -200,6 +204,10 @@ class MathTasks:
             sandbox_url=cfg.task.sandbox_url,
             sandbox_memory_mb=cfg.task.sandbox_memory_mb,
             sandbox_max_processes=cfg.task.sandbox_max_processes,
+            answer_check=CheckLimits(
+                timeout_s=cfg.task.answer_check_timeout_s,
+                memory_mb=cfg.task.answer_check_memory_mb,
+            ),
         )
 
     @classmethod
@@ -270,7 +278,7 @@ class MathTasks:
         return ToolEnv(
             self.tools(),
             PARSERS.get(self.parser),
-            score_boxed_math,
+            functools.partial(score_boxed_math, checker=self.checker),
             system_prompt=SYSTEM_PROMPT,
             tool_timeout_s=self.params.tool_timeout_s,
             max_calls_per_turn=self.params.max_calls_per_turn,

@@ -147,6 +147,8 @@ class ToolEnv:
         if parsed.is_final:
             score = self.scorer(action_text, self._task)
             info = {"success": score.success, "final_answer": score.answer, "tool_calls": 0}
+            if score.check_bounded:  # a wrong answer whose check hit its time or memory bound
+                info["answer_check_bounded"] = True
             return StepResult([], score.reward, terminated=True, info=info)
         messages: list[Message] = []
         counts = {"tool_calls": 0, "invalid_tool_calls": 0, "tool_errors": 0}

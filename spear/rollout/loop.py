@@ -318,6 +318,8 @@ def _record_step(
         }
     has_answer, answer = _final_answer(info)
     r.final_answer = answer if has_answer else r.final_answer
+    if info.get("answer_check_bounded"):  # the answer's check hit its time or memory bound
+        r.info["answer_check_bounded"] = True
     if info.get("env_error"):  # an env wrapper (worker pool) that reports its crash in info
         r.fail("step", str(info["env_error"]))
     elif res.terminated or res.truncated:
