@@ -98,6 +98,10 @@ class TaskConfig(_Section):
     sandbox_url: str | None = None  # sandbox=fusion: SandboxFusion server, e.g. http://host:8080
     sandbox_memory_mb: int = Field(1024, ge=64)
     sandbox_max_processes: int = Field(64, ge=1)
+    # math, sandbox=local: where neither mount/PID/network namespaces nor a user namespace can be
+    # made (a container without CAP_SYS_ADMIN), the code would run unisolated on the host; true
+    # allows that (with a warning saying what is exposed), false refuses to start
+    sandbox_allow_unsafe: bool = False
     # math: a symbolic answer check (math-verify in a child process) that runs past this wall
     # clock or this address space is stopped and the answer counts as wrong
     answer_check_timeout_s: float = Field(5.0, gt=0)

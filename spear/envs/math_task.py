@@ -70,6 +70,7 @@ class MathParams:
     sandbox_memory_mb: int
     sandbox_max_processes: int
     answer_check: CheckLimits = field(default_factory=CheckLimits)  # symbolic answer checks
+    sandbox_allow_unsafe: bool = False  # run code without isolation when none works here
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -204,6 +205,7 @@ class MathTasks:
             sandbox_url=cfg.task.sandbox_url,
             sandbox_memory_mb=cfg.task.sandbox_memory_mb,
             sandbox_max_processes=cfg.task.sandbox_max_processes,
+            sandbox_allow_unsafe=cfg.task.sandbox_allow_unsafe,
             answer_check=CheckLimits(
                 timeout_s=cfg.task.answer_check_timeout_s,
                 memory_mb=cfg.task.answer_check_memory_mb,
@@ -265,7 +267,7 @@ class MathTasks:
             backend: Backend = (
                 SandboxFusionClient(p.sandbox_url, limits)
                 if p.sandbox == "fusion" and p.sandbox_url is not None
-                else LocalSandbox(limits)
+                else LocalSandbox(limits, allow_unsafe=p.sandbox_allow_unsafe)
             )
             self._tool = CodeInterpreter(backend, preamble=MATH_PREAMBLE)
         return [self._tool]

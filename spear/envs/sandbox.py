@@ -20,18 +20,23 @@ Backends:
   - ``"namespaces"`` (running as root and ``unshare`` works): new network, PID, mount and IPC
     namespaces. The network namespace has no interface up, so no connection can be made. Inside,
     a private size-limited tmpfs covers ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (the working
-    directory is ``/tmp/work``, gone with the namespace), the user code runs as an unprivileged
+    directory is ``/tmp/work``, gone with the namespace) except the interpreter's own files
+    (a virtualenv under ``/tmp``), which stay visible read-only, the user code runs as an unprivileged
     uid (``nobody`` by default) so it can write nothing of the host's, and ``RLIMIT_NPROC`` is
     enforced (root would bypass it). When the call ends, the PID namespace's init exits and the
     kernel kills every process left in it, even ones that called ``setsid``.
   - ``"userns"`` (not root, unprivileged user namespaces allowed): the same namespaces inside a
     new user namespace; ``RLIMIT_NPROC`` counts only the sandbox's own processes. The code keeps
     the invoking user's file permissions outside ``/tmp``.
-  - ``"rlimits"`` (no namespaces, e.g. a container without ``CAP_SYS_ADMIN``): limits, a fresh
-    session and a temporary working directory removed afterwards; as root the code runs as
-    ``nobody``. Network is refused by an audit hook (``sys.addaudithook``) that refuses socket
-    creation, ``subprocess``, ``os.system`` / ``exec*`` / ``posix_spawn`` and ``ctypes``. This
-    is best effort: a process that escapes its process group is not tracked.
+  - ``"rlimits"`` (no namespaces, e.g. a container without ``CAP_SYS_ADMIN``): **no
+    isolation**, so it is refused (:class:`SandboxUnsafe`) unless ``allow_unsafe``
+    (``task.sandbox_allow_unsafe``), and then used with a warning that says what is exposed.
+    Limits, a fresh session and a temporary working directory removed afterwards; as root the
+    code runs as ``nobody`` where it can read the interpreter, else as the trainer's own user.
+    The code shares the host's network (``network == "host"``), ``/tmp``, ``/var/tmp`` and
+    ``/dev/shm``; a process that calls ``setsid`` outlives the call. An audit hook refuses
+    sockets, ``subprocess``, ``os.system`` / ``exec*`` / ``posix_spawn`` and ``ctypes`` as a
+    guard against accidents; it is no security boundary (native code gets past it).
 
 * :class:`SandboxFusionClient`: a SandboxFusion server's ``POST /run_code`` API over HTTP
   (standard library only). Transport errors, HTTP errors, bad replies and timeouts become the
@@ -57,7 +62,7 @@ from spear.envs.sandbox_common import (
     strip_code_fences,
 )
 from spear.envs.sandbox_fusion import SandboxFusionClient
-from spear.envs.sandbox_local import LocalSandbox
+from spear.envs.sandbox_local import LocalSandbox, SandboxUnsafe
 
 __all__ = [
     "API_FAILED",
@@ -71,6 +76,7 @@ __all__ = [
     "RunResult",
     "SandboxFusionClient",
     "SandboxLimits",
+    "SandboxUnsafe",
     "format_result",
     "middle_truncate",
     "strip_code_fences",

@@ -4,6 +4,7 @@ capping and the texts the model sees (see :mod:`spear.envs.sandbox`)."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import signal
 from dataclasses import dataclass
@@ -139,15 +140,37 @@ def strip_code_fences(code: str) -> str:
     return "\n".join(blocks) if blocks else code
 
 
-def middle_truncate(text: str, limit: int) -> str:
+def middle_truncate(text: str, limit: int, *, printed_bytes: int | None = None) -> str:
     """``text`` cut to at most ``limit`` characters, keeping head and tail around a marker that
-    says how many characters were dropped."""
+    says how many characters were dropped, or, given ``printed_bytes`` (``text`` is already a
+    capped excerpt of a longer output), how many bytes were printed in all."""
     if len(text) <= limit:
         return text
-    keep = max(0, limit - len(f"\n...[{len(text)} characters truncated]...\n"))
+
+    def marker(dropped: int) -> str:
+        if printed_bytes is not None:
+            return f"\n...[output truncated: {printed_bytes} bytes printed in all]...\n"
+        return f"\n...[{dropped} characters truncated]...\n"
+
+    keep = max(0, limit - len(marker(len(text))))
     head, tail = keep - keep // 2, keep // 2
-    marker = f"\n...[{len(text) - keep} characters truncated]...\n"
-    return (text[:head] + marker + (text[len(text) - tail :] if tail else ""))[:limit]
+    return (text[:head] + marker(len(text) - keep) + (text[len(text) - tail :] if tail else ""))[
+        :limit
+    ]
+
+
+def signal_name(sig: int) -> str:
+    """``SIGKILL``, ``SIGRTMIN+6``, or ``signal 99`` (not every number is a ``signal.Signals``)."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        low, high = int(signal.SIGRTMIN), int(signal.SIGRTMAX)
+        return f"SIGRTMIN+{sig - low}" if low <= sig <= high else f"signal {sig}"
+
+
+def cpu_limit_s(limits: SandboxLimits) -> int:
+    """The whole seconds ``RLIMIT_CPU`` is set to for ``limits.cpu_time_s`` (rounded up)."""
+    return max(1, math.ceil(limits.cpu_time_s))
 
 
 def last_lines(text: str, n: int) -> str:
@@ -177,7 +200,7 @@ def format_result(result: RunResult, limits: SandboxLimits) -> str:
         )
     elif result.outcome == "cpu_timeout":
         text = (
-            f"Timeout! The code used more than {limits.cpu_time_s:g}s of CPU time and was "
+            f"Timeout! The code used more than {cpu_limit_s(limits)}s of CPU time and was "
             f"stopped. Make it faster.{partial}"
         )
     elif result.outcome == "memory":
@@ -187,13 +210,15 @@ def format_result(result: RunResult, limits: SandboxLimits) -> str:
             f"and was stopped. Use less memory.{why}"
         )
     elif result.outcome == "killed":
-        name = signal.Signals(result.signal).name if result.signal else "a signal"
+        name = signal_name(result.signal) if result.signal else "a signal"
         text = f"The code was killed by {name} (it may have run out of memory).{partial}"
     elif result.outcome == "rejected":
         text = f"error: {result.detail}"
     else:
         text = f"{API_FAILED} ({result.detail})" if result.detail else API_FAILED
-    return middle_truncate(text, limits.max_output_chars)
+    capped = result.stdout_bytes > len(result.stdout.encode("utf-8", errors="replace"))
+    printed = result.stdout_bytes if capped else None  # the excerpt's own count would mislead
+    return middle_truncate(text, limits.max_output_chars, printed_bytes=printed)
 
 
 class CappedBuffer:

@@ -29,6 +29,7 @@ from spear.envs.sandbox_common import (
     Outcome,
     RunResult,
     SandboxLimits,
+    cpu_limit_s,
     last_lines,
 )
 
@@ -53,10 +54,38 @@ status_fd = spec["status_fd"]
 if spec["private_tmp"]:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
+    def bind(fd, target, readonly):
+        src = ("/proc/self/fd/%d" % fd).encode()
+        if libc.mount(src, target.encode(), None, 4096 | 16384, None) != 0:  # MS_BIND|MS_REC
+            raise OSError(ctypes.get_errno(), "cannot bind " + target)
+        # MS_REMOUNT|MS_BIND|MS_RDONLY|MS_NOSUID|MS_NODEV
+        if readonly and libc.mount(None, target.encode(), None, 32 | 4096 | 1 | 2 | 4, None) != 0:
+            raise OSError(ctypes.get_errno(), "cannot make %s read-only" % target)
+    hidden = ("/tmp", "/var/tmp", "/dev/shm")
+    # The interpreter's own files may live under a directory the private tmpfs covers (a venv
+    # in /tmp): keep them visible, read-only, bound back over the new tmpfs.
+    needed = sorted({os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path]
+                     if p and os.path.exists(p)})
+    keep = {}
+    for p in needed:
+        if any(p.startswith(d + "/") for d in hidden) and not any(
+                p.startswith(k + "/") for k in keep):
+            keep[p] = os.open(p, os.O_PATH)
     opts = ("size=%dm,mode=1777" % spec["disk_mb"]).encode()
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    for d in hidden:
         if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", 6, opts) != 0:
             raise OSError(ctypes.get_errno(), "cannot mount a tmpfs on " + d)
+    for p, fd in keep.items():
+        if os.path.isdir("/proc/self/fd/%d" % fd):
+            os.makedirs(p, 0o755)
+        else:
+            os.makedirs(os.path.dirname(p), 0o755, exist_ok=True)
+            open(p, "w").close()
+        parts = p.split("/")
+        for i in range(3, len(parts)):  # the new parents must let the unprivileged uid through
+            os.chmod("/".join(parts[:i]), 0o755)
+        bind(fd, p, True)
+        os.close(fd)
     workdir = "/tmp/work"
     os.mkdir(workdir, 0o700)
     if spec["uid"] is not None:
@@ -81,9 +110,7 @@ if spec["private_tmp"]:
                     os.mkdir(target)
                 else:
                     open(target, "w").close()
-                src = ("/proc/self/fd/%d" % fd).encode()
-                if libc.mount(src, target.encode(), None, 4096 | 16384, None) != 0:
-                    raise OSError(ctypes.get_errno(), "cannot bind " + target)
+                bind(fd, target, False)
                 os.close(fd)
 else:
     workdir = spec["workdir"]
@@ -159,7 +186,9 @@ os.write(status_fd, json.dumps(report).encode())
 os._exit(0)
 """
 
-# Audit events refused in the "rlimits" mode, where no network namespace exists.
+# Audit events refused in the "rlimits" mode, where no network namespace exists: a guard
+# against accidents, not a security boundary (native code, e.g. through ctypes loaded before
+# the hook or _posixsubprocess, does not raise these events).
 BLOCKED_EVENTS = (
     "socket.__new__",
     "socket.connect",
@@ -229,12 +258,37 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+class SandboxUnsafe(RuntimeError):
+    """No isolating sandbox mode works here and the unsafe fallback was not allowed."""
+
+
+def exposure(plan: _Plan) -> str:
+    """What code run under ``plan`` can reach on this machine (empty for the isolating modes)."""
+    if plan.isolation != "rlimits":
+        return ""
+    common = (
+        "the host's network (an audit hook refuses sockets and programs, but it is no security "
+        "boundary: native code gets past it), the world-writable /tmp, /var/tmp and /dev/shm, "
+        "and a process that calls setsid outlives the call"
+    )
+    if plan.uid is not None:
+        return f"the code runs on the host as uid {plan.uid}: {common}"
+    return (
+        f"the code runs on the host as uid {os.geteuid()}, the trainer's own user: every file, "
+        "process (its /proc/<pid>/environ, signals) and secret of that user, "
+        + ("no process limit (root is exempt from RLIMIT_NPROC), " if os.geteuid() == 0 else "")
+        + common
+    )
+
+
 class LocalSandbox:
     """Runs code in a fresh, limited subprocess (see the module docstring).
 
     ``isolation="auto"`` picks the strongest mode that works here (probed once per interpreter
     and uid); a named mode is used as given. ``uid``: the unprivileged uid the code runs as when
-    this process is root (default ``nobody``).
+    this process is root (default ``nobody``). The ``rlimits`` mode isolates nothing (see
+    :func:`exposure`): it is refused with :class:`SandboxUnsafe` unless ``allow_unsafe``, and
+    then used with a warning that says what the code can reach.
     """
 
     def __init__(
@@ -244,14 +298,24 @@ class LocalSandbox:
         isolation: Isolation | Literal["auto"] = "auto",
         python: str | None = None,
         uid: int = NOBODY_UID,
+        allow_unsafe: bool = False,
     ) -> None:
         self.limits = limits
         self.python = python or sys.executable
         self.uid = uid
         plan = _detect(self.python, uid, None if isolation == "auto" else isolation)
+        exposed = exposure(plan)
+        if exposed and not allow_unsafe:
+            raise SandboxUnsafe(
+                "code_interpreter has no isolating sandbox here (user and mount namespaces "
+                f"failed; see `spear -v` for why); {exposed}. Set "
+                "task.sandbox_allow_unsafe=true to run it anyway, or task.sandbox=fusion"
+            )
+        if exposed:
+            log.warning("UNSAFE code sandbox (task.sandbox_allow_unsafe): %s", exposed)
         self._plan = plan
         self.isolation: str = plan.isolation
-        self.network: str = "namespace" if plan.isolation != "rlimits" else "audit-hook"
+        self.network: str = "namespace" if plan.isolation != "rlimits" else "host"
         self.run_as_uid: int | None = plan.uid
 
     def run(self, code: str, preamble: str) -> RunResult:
@@ -304,7 +368,7 @@ def _spec(
         "disk_mb": limits.disk_mb,
         "workdir": workdir,
         "uid": plan.uid,
-        "cpu_s": max(1, round(limits.cpu_time_s)),
+        "cpu_s": cpu_limit_s(limits),
         "as_bytes": limits.memory_mb << 20,
         "nproc": nproc,
         "fsize": limits.max_file_mb << 20,

@@ -44,7 +44,8 @@ LIMITS = dataclasses.replace(
 
 @pytest.fixture(scope="module")
 def sandbox() -> LocalSandbox:
-    return LocalSandbox(LIMITS)
+    # where only the unisolated fallback works these tests still run it (they check limits)
+    return LocalSandbox(LIMITS, allow_unsafe=True)
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +218,9 @@ def test_infinite_loop_times_out(tool: CodeInterpreter) -> None:
 
 def test_cpu_limit(sandbox: LocalSandbox) -> None:
     limits = dataclasses.replace(LIMITS, wall_time_s=5.0, cpu_time_s=1.0)
-    result = CodeInterpreter(LocalSandbox(limits, isolation=sandbox.isolation)).run(
-        "while True: pass"
-    )  # type: ignore[arg-type]
+    result = CodeInterpreter(
+        LocalSandbox(limits, isolation=sandbox.isolation, allow_unsafe=True)
+    ).run("while True: pass")  # type: ignore[arg-type]
     assert result.outcome == "cpu_timeout"
     assert result.wall_s < 4
 
@@ -237,7 +238,8 @@ def test_printing_100_mb_is_capped(tool: CodeInterpreter) -> None:
     assert len(result.stdout) < 2 * LIMITS.max_output_bytes
     assert "bytes not shown" in result.stdout and result.stdout.rstrip().endswith("END")
     text = tool(code="print('z' * (50 << 20))")
-    assert len(text) <= LIMITS.max_output_chars and "characters truncated" in text
+    assert len(text) <= LIMITS.max_output_chars  # says how much was really printed:
+    assert f"output truncated: {(50 << 20) + 1} bytes printed in all" in text
 
 
 def test_invalid_utf8_output_is_replaced(tool: CodeInterpreter) -> None:
@@ -247,12 +249,12 @@ def test_invalid_utf8_output_is_replaced(tool: CodeInterpreter) -> None:
 
 def test_reported_isolation(sandbox: LocalSandbox) -> None:
     assert sandbox.isolation in ("namespaces", "userns", "rlimits")
-    assert sandbox.network == ("audit-hook" if sandbox.isolation == "rlimits" else "namespace")
+    assert sandbox.network == ("host" if sandbox.isolation == "rlimits" else "namespace")
 
 
-def test_rlimits_mode_blocks_sockets_with_the_audit_hook() -> None:
-    tool = CodeInterpreter(LocalSandbox(LIMITS, isolation="rlimits"))
-    assert tool.network == "audit-hook"
+def test_rlimits_mode_refuses_sockets_with_the_audit_hook() -> None:
+    tool = CodeInterpreter(LocalSandbox(LIMITS, isolation="rlimits", allow_unsafe=True))
+    assert tool.network == "host"  # the hook guards against accidents only
     out = tool(code="import socket\nsocket.socket()")
     assert "PermissionError: sandbox: socket.__new__ is not allowed" in out
     assert "not allowed" in tool(code="import subprocess\nsubprocess.run(['true'])")
