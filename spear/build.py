@@ -41,6 +41,7 @@ class Components:
     replay_update: UpdateSettings
     loop_params: LoopParams
     eval_loop_params: LoopParams
+    sample_loop_params: LoopParams  # eval.samples episodes per held-out task (pass@k)
     reference: ReferencePolicy | None = None  # the KL loss's frozen policy (loss.kl_coef > 0)
 
 
@@ -114,9 +115,15 @@ def update_settings(cfg: Config, *, replay: bool) -> UpdateSettings:
     )
 
 
-def loop_params(cfg: Config, *, evaluation: bool) -> LoopParams:
+def loop_params(cfg: Config, *, evaluation: bool, sampled: bool = False) -> LoopParams:
+    """The agent loop's settings for training rollouts, or (``evaluation``) for held-out
+    episodes: greedy at ``eval.temperature``, or with ``sampled`` at ``eval.sample_temperature``
+    (pass@k); evaluation never truncates the distribution (top_p 1, no top_k)."""
     ro = cfg.rollout
-    temperature = cfg.eval.temperature if evaluation else ro.temperature
+    if evaluation:
+        temperature = cfg.eval.sample_temperature if sampled else cfg.eval.temperature
+    else:
+        temperature = ro.temperature
     return LoopParams(
         max_turns=ro.max_turns,
         max_response_tokens=ro.max_response_tokens,
@@ -195,6 +202,7 @@ def build_components(cfg: Config, task: TaskSource | None = None) -> Components:
         replay_update=update_settings(cfg, replay=True),
         loop_params=loop_params(cfg, evaluation=False),
         eval_loop_params=loop_params(cfg, evaluation=True),
+        sample_loop_params=loop_params(cfg, evaluation=True, sampled=True),
         reference=build_reference(
             policy, kl_coef=cfg.loss.kl_coef, lora=cfg.model.lora.enabled
         ),  # from the initial weights: built before a resumed run restores its checkpoint

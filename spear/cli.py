@@ -214,6 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for k, v in res.metrics.items():
         console.print(f"{k:32s} {v:.4f}")
     console.print(f"metrics appended to {escape(str(res.metrics_file))}")
+    console.print(f"results: {escape(str(res.results_file))}")
     return 0
 
 

@@ -268,6 +268,30 @@ class EvalConfig(_Section):
     every: int = Field(10, ge=0)  # steps; 0 = only before and after training
     num_tasks: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    # n > 0: also sample n episodes per held-out task at sample_temperature and report
+    # eval/pass@k (unbiased estimator) for each k of pass_at and eval/mean@n (their success)
+    samples: int = Field(0, ge=0)
+    sample_temperature: float = Field(1.0, gt=0)
+    pass_at: list[int] = []  # k values; empty = [1, samples]
+
+    @model_validator(mode="after")
+    def _pass_at(self) -> EvalConfig:
+        if self.pass_at and not self.samples:
+            raise ValueError("eval.pass_at needs eval.samples (n sampled episodes per task) > 0")
+        bad = [k for k in self.pass_at if not 1 <= k <= self.samples]
+        if bad:
+            raise ValueError(
+                f"eval.pass_at={bad} must lie in 1..eval.samples={self.samples}: pass@k needs at "
+                "least k samples per task"
+            )
+        return self
+
+    @property
+    def ks(self) -> list[int]:
+        """The k of the reported pass@k (none when ``samples`` is 0)."""
+        if not self.samples:
+            return []
+        return sorted(set(self.pass_at or [1, self.samples]))
 
 
 class LoggingConfig(_Section):

@@ -4,19 +4,27 @@ What to evaluate may be named three ways: a checkpoint directory (``<run>/checkp
 the run directory itself or its ``checkpoints/`` folder (its latest checkpoint), or the
 ``checkpoints/latest`` pointer file. The result is appended, as one row at the checkpoint's
 step, to ``<checkpoint>/eval/metrics.jsonl`` (so several evaluations of one checkpoint, e.g.
-with different ``eval.num_tasks``, are all kept).
+with different ``eval.num_tasks``, are all kept), and the latest evaluation is written as one
+JSON document, with what was evaluated and how, to ``<checkpoint>/eval/results.json``.
+
+With ``eval.samples=n`` the report adds, next to greedy ``eval/success``, ``eval/pass@k`` (the
+unbiased estimator over n samples per task at ``eval.sample_temperature``, for each k of
+``eval.pass_at``, default 1 and n) and ``eval/mean@n``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spear.checkpoint import LATEST, CheckpointError, checkpoint_progress, latest_checkpoint
 from spear.config import ConfigError, load_config
 
 EVAL_DIR = "eval"  # inside the checkpoint directory
+RESULTS_FILE = "results.json"  # the latest evaluation, inside EVAL_DIR
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,7 @@ class EvalResult:
     step: int  # its training step
     metrics: dict[str, float]  # eval/... metrics
     metrics_file: Path  # where the row was appended
+    results_file: Path  # the JSON report (results_document)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -81,4 +90,22 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> EvalResult
         trainer.logger.write(step, metrics)
     finally:
         trainer.close()
-    return EvalResult(ckpt, step, metrics, out_dir / "metrics.jsonl")
+    results = out_dir / RESULTS_FILE
+    results.write_text(json.dumps(results_document(ckpt, step, cfg, metrics), indent=1) + "\n")
+    return EvalResult(ckpt, step, metrics, out_dir / "metrics.jsonl", results)
+
+
+def results_document(ckpt: Path, step: int, cfg: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    """The JSON report of one evaluation: what was evaluated, how, and the metrics."""
+    e = cfg.eval
+    return {
+        "checkpoint": str(ckpt),
+        "step": step,
+        "task": cfg.task.name,
+        "num_tasks": int(metrics.get("eval/episodes", 0)),
+        "greedy_temperature": e.temperature,
+        "samples": e.samples,
+        "sample_temperature": e.sample_temperature if e.samples else None,
+        "pass_at": e.ks,
+        "metrics": metrics,
+    }

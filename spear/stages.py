@@ -7,6 +7,7 @@ tensors or floats; none of them holds algorithm math of its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -145,3 +146,34 @@ def reward_term_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, f
             sums[name] = sums.get(name, 0.0) + float(value)
     n = max(1, len(episodes))
     return {f"{prefix}/reward_{name}": v / n for name, v in sorted(sums.items())}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate of one task from ``n`` samples of which ``c`` succeeded:
+    ``1 - C(n-c, k) / C(n, k)``, the chance that k of the n samples drawn without replacement
+    include a success (Chen et al. 2021). 1 when fewer than k samples failed."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sampled_metrics(
+    episodes: Sequence[Episode], n: int, ks: Sequence[int], prefix: str
+) -> dict[str, float]:
+    """``{prefix}/pass@k`` (the mean over tasks of :func:`pass_at_k`) for each k and
+    ``{prefix}/mean@n`` (the success rate of all samples) from ``n`` episodes per task, grouped
+    by ``group_id``."""
+    groups: dict[int, list[bool]] = {}
+    for e in episodes:
+        groups.setdefault(e.group_id, []).append(e.success)
+    if any(len(g) != n for g in groups.values()):
+        raise ValueError(f"every task needs exactly {n} sampled episodes")
+    tasks = max(1, len(groups))
+    out = {
+        f"{prefix}/pass@{k}": sum(pass_at_k(n, sum(g), k) for g in groups.values()) / tasks
+        for k in ks
+    }
+    out[f"{prefix}/mean@{n}"] = sum(sum(g) for g in groups.values()) / (tasks * n)
+    return out

@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from spear.stages import (
     compute_advantages,
     episode_metrics,
     fill_old_logprobs,
+    sampled_metrics,
     set_behavior_logprobs,
 )
 from spear.types import Episode, Sample, TokenBatch
@@ -57,7 +58,7 @@ from spear.update import UpdateSettings, single_step
 log = logging.getLogger(__name__)
 
 # Offsets that decorrelate the per-step random streams of the different stages.
-_TASKS, _SAMPLING, _UPDATE, _REPLAY_UPDATE, _EVAL = 1, 2, 3, 4, 5
+_TASKS, _SAMPLING, _UPDATE, _REPLAY_UPDATE, _EVAL, _EVAL_SAMPLES = 1, 2, 3, 4, 5, 6
 
 
 def stage_generator(seed: int, step: int, stage: int) -> torch.Generator:
@@ -310,7 +311,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Held-out success on the fixed test tasks (same tasks every time)."""
+        """Held-out success on the fixed test tasks (same tasks every time), greedy; with
+        ``eval.samples`` also pass@k and mean@n of that many sampled episodes per task."""
         c, cfg = self.c, self.cfg
         tasks = c.source.tasks("test", cfg.eval.num_tasks, seed=cfg.trainer.seed)
         request = RolloutRequest(
@@ -322,7 +324,13 @@ class Trainer:
             first_episode_id=0,
         )
         episodes = self.backend.rollout(request, stage_generator(cfg.trainer.seed, 0, _EVAL))
-        return episode_metrics(episodes, "eval")
+        out = episode_metrics(episodes, "eval")
+        if cfg.eval.samples:  # n sampled episodes per task: pass@k and mean@n
+            sampled = replace(request, group_size=cfg.eval.samples, params=c.sample_loop_params)
+            gen = stage_generator(cfg.trainer.seed, 0, _EVAL_SAMPLES)
+            runs = self.backend.rollout(sampled, gen)
+            out.update(sampled_metrics(runs, cfg.eval.samples, cfg.eval.ks, "eval"))
+        return out
 
     # ------------------------------------------------------------------------------ fit
     def fit(

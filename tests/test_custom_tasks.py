@@ -52,6 +52,18 @@ def test_the_example_trains_through_the_cli(
     assert report["demo_tool_solved"] == 1.0  # the example's script solves its tasks
     assert (run_dir / "checkpoints").is_dir()
 
+    # spear eval on the custom task: greedy success next to pass@k / mean@n, written as JSON
+    rc = cli.main(["eval", str(run_dir), "eval.samples=3", "eval.pass_at=[1,2]"])
+    assert rc == 0
+    (results,) = run_dir.glob("checkpoints/step_*/eval/results.json")
+    doc = json.loads(results.read_text())
+    assert doc["task"] == "examples.shop.task:make_task" and doc["step"] == 2
+    assert doc["samples"] == 3 and doc["pass_at"] == [1, 2] and doc["num_tasks"] == 4
+    m = doc["metrics"]
+    assert {"eval/success", "eval/pass@1", "eval/pass@2", "eval/mean@3"} <= set(m)
+    assert m["eval/pass@1"] == pytest.approx(m["eval/mean@3"])  # pass@1 is the mean success
+    assert m["eval/pass@1"] <= m["eval/pass@2"] <= 1.0
+
 
 def test_a_task_object_passed_to_the_trainer(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
