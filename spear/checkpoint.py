@@ -1,7 +1,8 @@
 """Atomic checkpoints: the model in Hugging Face format plus the full trainer state.
 
 Layout of ``<run_dir>/checkpoints/step_000020/``: ``model/`` (``save_pretrained`` of the model
-and tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``) and ``trainer_state.pt``
+and tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``; with LoRA only the
+adapters, see :func:`load_model_weights`) and ``trainer_state.pt``
 (optimizer, LR schedule, replay buffer, RNG states, step), plus ``progress.json`` (the step and
 whether its evaluation is still to do, see :class:`Progress`). A checkpoint is written into a
 temporary directory and renamed into place, and ``checkpoints/latest`` is replaced atomically,
@@ -125,3 +126,38 @@ def load_trainer_state(ckpt: Path) -> TrainerState:
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot read {ckpt / 'trainer_state.pt'}: {e}") from None
     return TrainerState(**data)
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_model_weights(model: nn.Module, model_dir: Path) -> None:
+    """Load what :func:`save_checkpoint` wrote to ``model_dir`` into ``model``, in place.
+
+    A peft (LoRA) model saved only its adapters (``adapter_model.safetensors``): they are loaded
+    into ``model``'s adapters and its frozen base stays as built (the run's ``model.path`` or
+    built-in model, as the run that saved it). Any other model loads the full weights through
+    its class's ``from_pretrained``, which handles tied weights.
+    """
+    if _is_peft_model(model):
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        try:
+            weights = load_peft_weights(str(model_dir))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read the LoRA adapters in {model_dir}: {e}") from None
+        result: Any = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise CheckpointError(
+                f"{model_dir} holds adapter weights this model lacks: {result.unexpected_keys[:3]}"
+                " (was it saved with other model.lora settings?)"
+            )
+        return
+    model_cls: Any = type(model)
+    saved = model_cls.from_pretrained(str(model_dir))
+    model.load_state_dict(saved.state_dict())

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spear.checkpoint import LATEST, CheckpointError, checkpoint_progress, latest_checkpoint
+from spear.checkpoint import (
+    LATEST,
+    CheckpointError,
+    checkpoint_progress,
+    latest_checkpoint,
+    load_model_weights,
+)
 from spear.config import ConfigError, load_config
 
 EVAL_DIR = "eval"  # inside the checkpoint directory
@@ -74,18 +80,19 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> EvalResult
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{cfg_file} not found: the checkpoint must sit inside its run directory")
-    fixed = [
-        f"model.path={ckpt / 'model'}",
-        "model.lora.enabled=false",
-        "logging.tensorboard=false",
-        "logging.wandb=false",
-    ]
+    # a LoRA run saved only its adapters: build the run's own model (base + adapters) and load
+    # them into it; any other checkpoint is a whole Hugging Face model
+    lora = (ckpt / "model" / "adapter_config.json").is_file()
+    model = [] if lora else [f"model.path={ckpt / 'model'}", "model.lora.enabled=false"]
+    fixed = [*model, "logging.tensorboard=false", "logging.wandb=false"]
     cfg = load_config(file=cfg_file, overrides=[*fixed, *overrides])
     step = checkpoint_progress(ckpt).step
     out_dir = ckpt / EVAL_DIR
     out_dir.mkdir(exist_ok=True)
     trainer = Trainer(cfg, out_dir, resume=False)
     try:
+        if lora:
+            load_model_weights(trainer.c.policy.model, ckpt / "model")
         metrics = trainer.evaluate()
         trainer.logger.write(step, metrics)
     finally:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,6 +31,7 @@ from spear.checkpoint import (
     TrainerState,
     capture_rng,
     latest_checkpoint,
+    load_model_weights,
     load_trainer_state,
     restore_rng,
     save_checkpoint,
@@ -459,9 +459,7 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         c = self.c
-        model_cls: Any = type(c.policy.model)
-        saved = model_cls.from_pretrained(str(ckpt / "model"))  # handles tied weights
-        c.policy.model.load_state_dict(saved.state_dict())
+        load_model_weights(c.policy.model, ckpt / "model")
         state = load_trainer_state(ckpt)
         c.policy.optimizer.load_state_dict(state.optimizer)
         c.policy.scheduler.load_state_dict(state.scheduler)
