@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spear.envs.answers import Score, answers_match, extract_boxed
-from spear.envs.base import Env, Task, Tool
+from spear.envs.base import Env, StepResult, Task, Tool
 from spear.envs.function_tool import as_tools
 from spear.envs.tool_env import CallRecord, ToolEnv
 from spear.rollout.parsers import PARSERS
@@ -233,7 +233,7 @@ class FunctionTaskEnv(ToolEnv):
         self._messages, self._terms = list(messages), {}
         return messages, info
 
-    def step(self, action_text: str) -> Any:
+    def step(self, action_text: str) -> StepResult:
         self._messages.append({"role": "assistant", "content": action_text})
         result = super().step(action_text)
         self._messages.extend(result.messages)

@@ -132,8 +132,19 @@ def test_a_function_without_docs_or_hints_cannot_be_a_tool() -> None:
 
     with pytest.raises(ToolDefinitionError, match="nodoc cannot be a tool"):
         FunctionTool(nodoc)
+
+    def undocumented(x: int, y: int) -> int:
+        """Only x is documented.
+
+        Args:
+            x: Something.
+        """
+        return x
+
     with pytest.raises(ToolDefinitionError, match="nohint cannot be a tool"):
         FunctionTool(nohint)
+    with pytest.raises(ToolDefinitionError, match="no description for the argument 'y'"):
+        FunctionTool(undocumented)
     with pytest.raises(ToolDefinitionError, match="two tools are named 'lookup'"):
         as_tools([lookup, lookup])
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
