@@ -157,6 +157,7 @@ def replay_params(cfg: Config) -> ReplayParams:
         keep=r.keep,
         decay_weight=r.decay_weight,
         consume=r.consume,
+        staleness=r.staleness,
     )
 
 
@@ -176,10 +177,21 @@ def response_filter_params(cfg: Config) -> ResponseFilterParams:
     return ResponseFilterParams(enabled=enabled, ngram=f.ngram, ngram_repeats=f.ngram_repeats)
 
 
+def check_eval_split(cfg: Config, source: TaskSource) -> None:
+    """An ``eval.split`` the task does not have is a config error (before any model is built)."""
+    from spear.config import ConfigError
+
+    try:
+        source.tasks(cfg.eval.split, 1, seed=cfg.trainer.seed)
+    except ValueError as e:
+        raise ConfigError(f"eval.split={cfg.eval.split}: {e}") from None
+
+
 def build_components(cfg: Config, task: TaskSource | None = None) -> Components:
     """Everything a run needs; ``task`` replaces the source ``task.name`` names (a task passed in
     Python, ``Trainer(cfg, run_dir, task=...)``)."""
     source = task if task is not None else build_task(cfg)
+    check_eval_split(cfg, source)
     policy = build_policy(cfg, source)
     engine = HFEngine(
         policy.model,

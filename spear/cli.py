@@ -1,4 +1,4 @@
-"""Command line: ``spear train | eval | plot | config``."""
+"""Command line: ``spear train | eval | plot | config | compare``."""
 
 from __future__ import annotations
 
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
+    from spear.cli_compare import add_compare_parser
+
+    add_compare_parser(sub)
     return p
 
 

@@ -226,7 +226,7 @@ class ReplayConfig(_Section):
     """Self-imitation learning: the replay buffer and its loss."""
 
     enabled: bool = False
-    capacity: int = Field(2048, ge=1)  # B
+    capacity: int = Field(2048, ge=1)  # B: the trigger unit and draw size, not a storage limit
     history_size: int = Field(10240, ge=1)  # H, group means kept for the baseline
     tolerate_steps: int = Field(5, ge=0)
     trigger_ratio: float = Field(1.5, gt=0)
@@ -238,6 +238,9 @@ class ReplayConfig(_Section):
     keep: Literal["positive", "non_negative"] = "positive"
     decay_weight: float = Field(0.1, gt=0, le=1)
     consume: Literal["clear", "sliding"] = "clear"
+    # the clock tolerate_steps is measured on: the current step, or (the reference's) the newest
+    # stored sample, which keeps old successes counting through a drought (spear/replay.py)
+    staleness: Literal["current_step", "newest_entry"] = "current_step"
     recompute_old_logprobs: bool = False
     loss_coef: ScheduleSpec = {"kind": "cosine_up", "value": 1.0, "horizon": 200}
     policy_loss: str | None = None  # None = loss.policy_loss
@@ -292,6 +295,9 @@ class EvalConfig(_Section):
         if not self.samples:
             return []
         return sorted(set(self.pass_at or [1, self.samples]))
+    # which split the evaluations play: "test" (held out) or, for tasks that have one,
+    # "validation" (for choosing settings without touching the held-out split; lookup has one)
+    split: Literal["test", "validation"] = "test"
 
 
 class LoggingConfig(_Section):

@@ -30,7 +30,16 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         ],
         "weight",
     ),
-    ("Replay buffer", [("replay/size", "stored"), ("replay/n_sampled", "replayed")], "samples"),
+    (
+        "Replay buffer",
+        [
+            ("replay/size", "stored"),
+            ("replay/eligible", "eligible (pass recalibration)"),
+            ("replay/trigger_at", "SIL trigger (> trigger_ratio × capacity)"),
+            ("replay/n_sampled", "replayed"),
+        ],
+        "samples",
+    ),
     (
         "Reward",
         [("reward/outcome", "outcome"), ("reward/tool_bonus", "tool bonus")],

@@ -34,8 +34,16 @@ step-level term is dropped, as in the reference). ``"decay"`` scales the advanta
 collected, which for GiGPO still contains the step-level term; use ``"median"`` (the SPEAR
 setting) for episode-level-only replay.
 
-Staleness is measured against the current training step: a sample collected at step ``s`` is
-evicted once ``t - s > tolerate_steps`` (no silent cap). Stored samples keep their
+Staleness (``staleness="current_step"``, the default) is measured against the current training
+step: a sample collected at step ``s`` is evicted once ``t - s > tolerate_steps`` (no silent cap),
+so a success stops counting toward the trigger after ``tolerate_steps`` steps however few others
+arrive. ``staleness="newest_entry"`` is the reference's clock (§2.3): samples age only when a step
+adds new ones, relative to the newest stored sample before that add, so during a drought of
+successes old ones stay and keep counting (and can be replayed more than ``tolerate_steps`` steps
+after collection). ``capacity`` is not a storage limit: it is the trigger unit (the SIL update runs
+once more than ``trigger_ratio * capacity`` stored samples would survive recalibration, logged as
+``replay/eligible`` against ``replay/trigger_at``) and the default draw size; the buffer may hold
+more samples than ``capacity`` (``replay/size``). Stored samples keep their
 collection-time behaviour log-probs (the PPO ratio of the SIL update is a true importance
 ratio). Every stored tensor is a CPU copy with its own storage, whatever device the caller's
 tensors were on (meta tensors, which hold no data, are rejected), in compact dtypes: token ids
@@ -64,6 +72,7 @@ Sampling = Literal["uniform", "prioritized"]
 Recalibration = Literal["median", "decay"]
 Keep = Literal["positive", "non_negative"]
 Consume = Literal["clear", "sliding"]
+Staleness = Literal["current_step", "newest_entry"]
 
 _STATE_FORMAT = 1
 _TENSOR_FIELDS = ("input_ids", "loss_mask", "behavior_logprobs")
@@ -102,6 +111,7 @@ class ReplayParams:
     keep: Keep
     decay_weight: float  # decay mode: A = decay_weight * A_collected
     consume: Consume
+    staleness: Staleness = "current_step"  # the clock tolerate_steps is measured on
 
     def __post_init__(self) -> None:
         _require_int("capacity", self.capacity, 1)
@@ -121,6 +131,7 @@ class ReplayParams:
         _require_choice("recalibration", self.recalibration, ("median", "decay"))
         _require_choice("keep", self.keep, ("positive", "non_negative"))
         _require_choice("consume", self.consume, ("clear", "sliding"))
+        _require_choice("staleness", self.staleness, ("current_step", "newest_entry"))
         if not isinstance(self.normalize_by_std, bool):
             raise ValueError(
                 f"ReplayParams.normalize_by_std must be a bool, got {self.normalize_by_std!r}"
@@ -356,11 +367,20 @@ class ReplayBuffer:
                 f"step {step} is older than the last step the buffer saw ({self._last_step})"
             )
 
-    def _is_fresh(self, sample: Sample, step: int) -> bool:
-        return step - sample.step <= self.params.tolerate_steps
+    def _fresh(self, step: int, *, adding: bool) -> list[Sample]:
+        """The stored samples that count as fresh at ``step`` (see ``staleness`` in the module
+        docstring): ``current_step`` keeps ``step - s <= tolerate_steps``; ``newest_entry`` (the
+        reference's clock) only ages samples when a step adds, against the newest stored one."""
+        tol = self.params.tolerate_steps
+        if self.params.staleness == "current_step":
+            return [s for s in self._items if step - s.step <= tol]
+        if not adding or not self._items:
+            return list(self._items)
+        newest = max(s.step for s in self._items)
+        return [s for s in self._items if newest - s.step <= tol]
 
-    def _evict_stale(self, step: int) -> int:
-        fresh = [s for s in self._items if self._is_fresh(s, step)]
+    def _evict_stale(self, step: int, *, adding: bool = False) -> int:
+        fresh = self._fresh(step, adding=adding)
         evicted = len(self._items) - len(fresh)
         self._items = fresh
         self._totals["evicted_stale"] += evicted
@@ -390,7 +410,7 @@ class ReplayBuffer:
         )
         self._hist_means = torch.cat([self._hist_means, means])[history_evicted:]
         self._hist_stds = torch.cat([self._hist_stds, stds])[history_evicted:]
-        evicted = self._evict_stale(step)
+        evicted = self._evict_stale(step, adding=True)
         self._items.extend(keep)
         self._totals["added"] += len(keep)
         self._last_step = step
@@ -428,7 +448,7 @@ class ReplayBuffer:
     def eligible_count(self, step: int) -> int:
         """Stored samples, fresh at ``step``, that would survive recalibration (no mutation)."""
         self._check_step(step)
-        fresh = [s for s in self._items if self._is_fresh(s, step)]
+        fresh = self._fresh(step, adding=False)
         if not fresh:
             return 0
         _, kept = self._recalibrate(fresh, *self.baseline())
@@ -496,6 +516,7 @@ class ReplayBuffer:
         out = {
             "size": float(len(self._items)),
             "eligible": float(self.eligible_count(step)),
+            "trigger_at": float(self.params.trigger_ratio * self.params.capacity),
             "history_groups": float(self.history_groups),
             "bytes": float(self.nbytes()),
         }

@@ -65,6 +65,13 @@ def _arithmetic(cfg: Config) -> TaskSource:
     return ArithmeticTasks.from_config(cfg)
 
 
+@register_task("lookup")
+def _lookup(cfg: Config) -> TaskSource:
+    from spear.envs.lookup import LookupTasks
+
+    return LookupTasks.from_config(cfg)
+
+
 @register_task("math")
 def _math(cfg: Config) -> TaskSource:
     from spear.envs.math_task import MathTasks

@@ -311,10 +311,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Held-out success on the fixed test tasks (same tasks every time), greedy; with
-        ``eval.samples`` also pass@k and mean@n of that many sampled episodes per task."""
+        """Success on the fixed tasks of ``eval.split`` (held out by default; the same tasks every
+        time), greedy; with ``eval.samples`` also pass@k and mean@n of that many sampled episodes
+        per task."""
         c, cfg = self.c, self.cfg
-        tasks = c.source.tasks("test", cfg.eval.num_tasks, seed=cfg.trainer.seed)
+        tasks = c.source.tasks(cfg.eval.split, cfg.eval.num_tasks, seed=cfg.trainer.seed)
         request = RolloutRequest(
             tasks,
             group_size=1,

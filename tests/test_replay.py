@@ -383,6 +383,27 @@ def test_staleness_is_relative_to_current_step() -> None:
     assert batch.samples == [] and isinstance(batch, ReplayBatch)
 
 
+def test_newest_entry_clock_keeps_successes_through_a_drought() -> None:
+    # the reference's clock (§2.3): samples age only when a step adds, against the newest stored
+    buf = buffer(0, tolerate_steps=2, staleness="newest_entry")
+    buf.add(_positives(4), step=1)
+    for t in range(2, 9):
+        buf.add([], step=t)  # a drought: nothing is stored, nothing ages
+    assert buf.eligible_count(9) == 4  # the current-step clock gives 0 here (9 - 1 > 2)
+    report = buf.add(_positives(4, first_group=50, first_episode=500), step=9)
+    assert (report.evicted_stale, report.size) == (0, 8)  # newest before the add is step 1
+    report = buf.add(_positives(4, first_group=60, first_episode=600), step=10)
+    assert (report.evicted_stale, report.size) == (4, 8)  # now step 9 is newest: 9 - 1 > 2
+    batch = buf.consume(10)
+    assert (batch.evicted_stale, batch.n_sampled) == (0, 4)  # sample_size 4 of the 8 fresh
+    assert batch.mean_staleness in {0.0, 0.25, 0.5, 0.75, 1.0}  # each from step 9 or 10
+
+
+def test_staleness_clock_is_validated() -> None:
+    with pytest.raises(ValueError, match="staleness"):
+        params(staleness="wall_clock")
+
+
 def test_add_evicts_stale_before_storing() -> None:
     buf = buffer(0, tolerate_steps=0, recalibration="decay")
     buf.add(_positives(4), step=1)
@@ -474,6 +495,7 @@ def test_metrics_records() -> None:
     }
     m = buf.metrics(1)
     assert (m["size"], m["eligible"], m["history_groups"], m["total_added"]) == (2.0, 1.0, 4.0, 2.0)
+    assert m["trigger_at"] == 6.0  # trigger_ratio 1.5 x capacity 4: "ready" needs 7 eligible
 
 
 def test_memory_2048_trajectories_of_4096_tokens_under_200mb() -> None:

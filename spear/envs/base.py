@@ -91,7 +91,8 @@ class TaskSource(Protocol):
     name: str
 
     def tasks(self, split: str, n: int, seed: int) -> list[Task]:
-        """``n`` tasks of ``split`` ("train" or "test"), deterministic in ``seed``."""
+        """``n`` tasks of ``split`` ("train" or "test"; "validation" where the source has one),
+        deterministic in ``seed``; an unknown split raises ``ValueError`` naming the splits."""
         ...
 
     def make_env(self) -> Env:

@@ -220,6 +220,16 @@ def _scripted_source() -> DemoSource:
     return DemoSource(params_from_config=no_config, make_demos=make_scripted_demos)
 
 
+@DEMO_SOURCES.register("lookup")
+def _lookup_source() -> DemoSource:
+    from spear.envs.lookup import LookupTasks
+    from spear.models.lookup_demos import make_lookup_demos
+
+    return DemoSource(
+        params_from_config=LookupTasks.params_from_config, make_demos=make_lookup_demos
+    )
+
+
 @DEMO_SOURCES.register("textworld")
 def _textworld_source() -> DemoSource:
     from spear.models.textworld_demos import TextWorldDemoParams, make_textworld_demos
