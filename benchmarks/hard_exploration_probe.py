@@ -58,9 +58,13 @@ def main() -> None:
         for e in episodes:
             groups.setdefault(e.group_id, []).append(e.success)
         all_equal = sum(len(set(v)) == 1 for v in groups.values()) / len(groups)
-        firsts = Counter(_first_action(e.samples[0] if e.samples else None, trainer) for e in episodes)
+        firsts = Counter(
+            _first_action(e.samples[0] if e.samples else None, trainer) for e in episodes
+        )
         greedy_test = trainer.evaluate()
-        trainer.cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"split": "validation"})})
+        trainer.cfg = cfg.model_copy(
+            update={"eval": cfg.eval.model_copy(update={"split": "validation"})}
+        )
         greedy_val = trainer.evaluate()
         trainer.close()
     record = {
