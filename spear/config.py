@@ -295,6 +295,7 @@ class EvalConfig(_Section):
         if not self.samples:
             return []
         return sorted(set(self.pass_at or [1, self.samples]))
+
     # which split the evaluations play: "test" (held out) or, for tasks that have one,
     # "validation" (for choosing settings without touching the held-out split; lookup has one)
     split: Literal["test", "validation"] = "test"

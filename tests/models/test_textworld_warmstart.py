@@ -100,7 +100,7 @@ def test_demo_stats_counts() -> None:
 
 
 def test_demo_source_registry_is_loud() -> None:
-    assert DEMO_SOURCES.names() == ["arithmetic", "scripted", "textworld"]
+    assert DEMO_SOURCES.names() == ["arithmetic", "lookup", "scripted", "textworld"]
     with pytest.raises(UnknownNameError, match="warm-start demonstration source 'webshop'"):
         DEMO_SOURCES.get("webshop")
 
