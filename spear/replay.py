@@ -83,6 +83,8 @@ _STORED_DTYPES = {
     "behavior_logprobs": torch.float32,
 }
 _SCALAR_FIELDS = tuple(f.name for f in fields(Sample) if f.name not in _TENSOR_FIELDS)
+_STATE_KEYS = ("lengths", *_TENSOR_FIELDS, "scalars", "hist_means", "hist_stds", "last_step")
+_STATE_KEYS += ("generator", "totals")
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:
@@ -549,20 +551,7 @@ class ReplayBuffer:
             raise ValueError(
                 f"replay state has format {state.get('format')!r}; expected {_STATE_FORMAT}"
             )
-        missing = [
-            k
-            for k in (
-                "lengths",
-                *_TENSOR_FIELDS,
-                "scalars",
-                "hist_means",
-                "hist_stds",
-                "last_step",
-                "generator",
-                "totals",
-            )
-            if k not in state
-        ]
+        missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"replay state lacks {', '.join(missing)}")
         if state.get("params") != asdict(self.params):
