@@ -187,7 +187,9 @@ def test_kl_term_on_train_ranks_gives_the_single_process_update(
         for p, q in zip(
             local.c.policy.model.parameters(), remote.c.policy.model.parameters(), strict=True
         ):
-            torch.testing.assert_close(q, p, atol=5e-6, rtol=0)
+            # two AdamW steps at lr 1e-2: the float differences of the two ranks' summed
+            # gradients grow to ~1e-5 in a few elements (one step at lr 1e-3 stays under 2e-6)
+            torch.testing.assert_close(q, p, atol=5e-5, rtol=0)
     finally:
         remote.close()
     assert want[1]["actor/kl"] > 0
