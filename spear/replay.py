@@ -83,8 +83,8 @@ _STORED_DTYPES = {
     "behavior_logprobs": torch.float32,
 }
 _SCALAR_FIELDS = tuple(f.name for f in fields(Sample) if f.name not in _TENSOR_FIELDS)
-_STATE_KEYS = ("lengths", *_TENSOR_FIELDS, "scalars", "hist_means", "hist_stds", "last_step")
-_STATE_KEYS += ("generator", "totals")
+_STATE_KEYS: tuple[str, ...] = ("lengths", *_TENSOR_FIELDS, "scalars", "hist_means", "hist_stds")
+_STATE_KEYS += ("last_step", "generator", "totals")
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:

@@ -29,7 +29,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from spear.envs.base import Env, Task, Tool
-from spear.envs.tool_env import NATIVE_PARSER
+from spear.envs.tool_env import NATIVE_PARSER, check_tool_limits
 
 if TYPE_CHECKING:
     from spear.config import Config
@@ -297,14 +297,9 @@ class ArithmeticParams:
     def __post_init__(self) -> None:
         if not 1 <= self.difficulty <= MAX_DIFFICULTY:
             raise ValueError(f"difficulty must be in 1..{MAX_DIFFICULTY}, got {self.difficulty}")
-        if not self.tool_timeout_s > 0:
-            raise ValueError(f"tool_timeout_s must be > 0, got {self.tool_timeout_s}")
+        check_tool_limits(self.tool_timeout_s, self.max_observation_chars)
         if self.max_calls_per_turn < 1:
             raise ValueError(f"max_calls_per_turn must be >= 1, got {self.max_calls_per_turn}")
-        if self.max_observation_chars < 1:
-            raise ValueError(
-                f"max_observation_chars must be >= 1, got {self.max_observation_chars}"
-            )
 
 
 class ArithmeticTasks:

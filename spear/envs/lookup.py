@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from spear.envs.arithmetic import CALCULATOR_LIMITS, Calculator
 from spear.envs.base import Env, Task, Tool
+from spear.envs.tool_env import NATIVE_PARSER, check_tool_limits
 
 if TYPE_CHECKING:
     from spear.config import Config
@@ -161,12 +162,7 @@ class LookupParams:
     max_observation_chars: int
 
     def __post_init__(self) -> None:
-        if not self.tool_timeout_s > 0:
-            raise ValueError(f"tool_timeout_s must be > 0, got {self.tool_timeout_s}")
-        if self.max_observation_chars < 1:
-            raise ValueError(
-                f"max_observation_chars must be >= 1, got {self.max_observation_chars}"
-            )
+        check_tool_limits(self.tool_timeout_s, self.max_observation_chars)
 
 
 class LookupTasks:
@@ -174,8 +170,9 @@ class LookupTasks:
 
     name = "lookup"
 
-    def __init__(self, params: LookupParams) -> None:
+    def __init__(self, params: LookupParams, parser: str = NATIVE_PARSER) -> None:
         self.params = params
+        self.parser = parser  # a spear.rollout.parsers name: how make_env's env reads calls
         self._tools: list[Tool] = [Lookup(), Calculator(CALCULATOR_LIMITS)]
 
     @staticmethod
@@ -187,7 +184,7 @@ class LookupTasks:
 
     @classmethod
     def from_config(cls, cfg: Config) -> LookupTasks:
-        return cls(cls.params_from_config(cfg))
+        return cls(cls.params_from_config(cfg), cfg.rollout.parser or NATIVE_PARSER)
 
     def tasks(self, split: str, n: int, seed: int) -> list[Task]:
         return generate_tasks(split, n, seed)
@@ -202,7 +199,7 @@ class LookupTasks:
 
         return ToolEnv(
             self.tools(),
-            PARSERS.get("hermes"),
+            PARSERS.get(self.parser),
             score_boxed_number,
             system_prompt=SYSTEM_PROMPT,
             tool_timeout_s=self.params.tool_timeout_s,

@@ -37,6 +37,14 @@ Scorer = Callable[[str, Task], Score]
 NATIVE_PARSER = "hermes"
 
 
+def check_tool_limits(tool_timeout_s: float, max_observation_chars: int) -> None:
+    """Raise ``ValueError`` naming the field unless a tool env's limits are usable."""
+    if not tool_timeout_s > 0:
+        raise ValueError(f"tool_timeout_s must be > 0, got {tool_timeout_s}")
+    if max_observation_chars < 1:
+        raise ValueError(f"max_observation_chars must be >= 1, got {max_observation_chars}")
+
+
 @dataclass(frozen=True, slots=True)
 class CallRecord:
     """One attempted tool call of an episode: the tool's name (``"invalid"`` for an unreadable

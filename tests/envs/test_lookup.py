@@ -120,3 +120,14 @@ def test_the_config_has_a_validation_split_and_arithmetic_does_not() -> None:
     arith = load_config(overrides=["eval.split=validation"])
     with pytest.raises(ConfigError, match=r"eval\.split=validation"):
         check_eval_split(arith, build_task(arith))
+
+
+def test_rollout_parser_reaches_the_env() -> None:
+    from spear.rollout.parsers import PARSERS
+
+    cfg = load_config(file=run_config_path("lookup"), overrides=["rollout.parser=python"])
+    source = LookupTasks.from_config(cfg)
+    assert source.make_env().parser is PARSERS.get("python")  # type: ignore[attr-defined]
+    assert LookupTasks(PARAMS).make_env().parser is PARSERS.get("hermes")  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="tool_timeout_s"):
+        LookupParams(tool_timeout_s=0.0, max_observation_chars=10)
