@@ -97,7 +97,9 @@ def _open_run(args: argparse.Namespace) -> tuple[Path, Config] | int:
 
 def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer | int:
     """The trainer (model built, warm start run or read from its cache, checkpoint restored),
-    or 130 after a Ctrl-C, which keeps nothing of a new run."""
+    or 130 after a Ctrl-C, which keeps no directory of a new run (a long warm start keeps its
+    progress in the model cache)."""
+    from spear.interrupts import Interrupted
     from spear.trainer import Trainer
 
     try:
@@ -110,11 +112,9 @@ def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer | int:
             shutil.rmtree(run_dir, ignore_errors=True)
         if not isinstance(e, KeyboardInterrupt):
             raise
+        built = e.kept if isinstance(e, Interrupted) else "nothing of the build was kept"
     kept = "the run is as it was" if resume else "no run directory was kept"
-    console.print(
-        "[yellow]interrupted[/] while building the model: a warm start in progress is not "
-        f"cached (the next run builds it again); {kept}"
-    )
+    console.print(f"[yellow]interrupted[/] while building the model: {escape(built)}; {kept}")
     return 130
 
 

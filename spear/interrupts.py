@@ -22,12 +22,16 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C; ``kept`` says what is on disk and how the run continues."""
+class Interrupted(KeyboardInterrupt):
+    """Work stopped on Ctrl-C; ``kept`` says (one line) what is on disk and what is lost."""
 
     def __init__(self, kept: str) -> None:
         super().__init__(kept)
         self.kept = kept
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped on Ctrl-C (see the module docstring)."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -364,6 +365,9 @@ class PoolReset:
 
 def _worker_main(conn: Any, env_factory: Callable[[], Any], k: int) -> None:
     """Worker loop: host ``k`` envs; answer ``(cmd, [(slot, arg), ...])`` with per-slot results."""
+    # Ctrl-C in the terminal reaches the whole process group: it is the trainer's to handle (it
+    # finishes the step in flight, which needs these workers); the trainer closes them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs: list[Any] = [None] * k
     conn.send(("ready", os.getpid()))
     while True:

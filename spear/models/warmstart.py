@@ -43,6 +43,7 @@ from transformers import PreTrainedTokenizerFast
 
 from spear.envs.arithmetic import ArithmeticTasks
 from spear.envs.base import Env, Task, TaskSource, tool_schema
+from spear.interrupts import Interrupted
 from spear.models.tiny import TinyModelParams, build_tiny_model
 from spear.models.tokenizer import Conversation, TokenizerParams, chat_ids, train_tokenizer
 from spear.registry import Registry
@@ -425,6 +426,15 @@ def collate(
     return ids, attn, mask
 
 
+SNAPSHOT_EVERY_S = 30.0  # a build stopped later than this resumes from its last snapshot
+
+
+def _save_snapshot(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a snapshot is whole or absent
+
+
 def train_warm_start(
     model: torch.nn.Module,
     examples: Sequence[tuple[Tensor, Tensor]],
@@ -432,16 +442,31 @@ def train_warm_start(
     pad_id: int,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    snapshot: Path | None = None,
 ) -> list[float]:
-    """``params.steps`` AdamW steps on shuffled batches of ``examples``; returns the losses."""
+    """``params.steps`` AdamW steps on shuffled batches of ``examples``; returns the losses.
+
+    With ``snapshot``, the whole training state (weights, optimizer, data order, generators,
+    losses) is saved there every :data:`SNAPSHOT_EVERY_S` seconds, and a snapshot found there
+    is resumed from: the result equals an uninterrupted run's."""
     if not examples:
         raise ValueError("train_warm_start needs at least one example")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
     order: list[int] = []
     losses: list[float] = []
+    start = 0
+    if snapshot is not None and snapshot.exists():
+        state = torch.load(snapshot, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        order, losses, start = state["order"], state["losses"], state["step"]
+        log.info("warm start resumes at step %d/%d (%s)", start, params.steps, snapshot.name)
+    saved_at = time.monotonic()
     model.train()
-    for step in range(params.steps):
+    for step in range(start, params.steps):
         if len(order) < params.batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
         picked, order = order[: params.batch_size], order[params.batch_size :]
@@ -454,6 +479,12 @@ def train_warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        if snapshot is not None and time.monotonic() - saved_at >= SNAPSHOT_EVERY_S:
+            state = {"step": step + 1, "model": model.state_dict(), "order": order,
+                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                     "torch_rng": torch.get_rng_state(), "losses": losses}  # fmt: skip
+            _save_snapshot(snapshot, state)
+            saved_at = time.monotonic()
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
@@ -474,8 +505,12 @@ def _log_progress(total: int) -> Callable[[int, float], None]:
     return on_step
 
 
-def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[str, Any]:
-    """Build tokenizer, model and warm start into ``out_dir``; return the report written there."""
+def build_warm_model(
+    out_dir: Path, params: WarmStartParams, seed: int, snapshot: Path | None = None
+) -> dict[str, Any]:
+    """Build tokenizer, model and warm start into ``out_dir``; return the report written there.
+    ``snapshot``: where the warm start saves and resumes its progress (see
+    :func:`train_warm_start`)."""
     start = time.perf_counter()
     demos, demo_report = DEMO_SOURCES.get(params.source)().make_demos(params, seed)
     tok = train_tokenizer(demos, params.tokenizer)
@@ -489,7 +524,7 @@ def build_warm_model(out_dir: Path, params: WarmStartParams, seed: int) -> dict[
     model = build_tiny_model(params.model, tok, seed)
     prep_s = time.perf_counter() - start
     losses = train_warm_start(
-        model, examples, params, tok.pad_token_id, seed, _log_progress(params.steps)
+        model, examples, params, tok.pad_token_id, seed, _log_progress(params.steps), snapshot
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -527,17 +562,29 @@ def ensure_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Pa
         log.info("using the cached warm model %s", final)
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = cache_dir / f".resume-{final.name}.pt"  # kept when a build is stopped
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     try:
         log.info(
             "building the warm model (tokenizer, tiny model, %d warm-start steps)", params.steps
         )
-        build_warm_model(tmp, params, seed)
+        build_warm_model(tmp, params, seed, snapshot)
         try:
             os.replace(tmp, final)
         except OSError:
             if not (final / REPORT_FILE).exists():
                 raise
+    except KeyboardInterrupt:
+        raise Interrupted(_build_kept(snapshot)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    snapshot.unlink(missing_ok=True)
     return final
+
+
+def _build_kept(snapshot: Path) -> str:
+    """What an interrupted warm-model build leaves for the next one."""
+    if not snapshot.exists():
+        return "the warm start is not cached yet (the next run builds it again)"
+    step = torch.load(snapshot, map_location="cpu", weights_only=False)["step"]
+    return f"the warm start's progress is kept (the next run resumes it at step {step})"
