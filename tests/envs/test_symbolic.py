@@ -21,8 +21,9 @@ from tests.rollout.conftest import ScriptedEngine, build_tokenizer, sampling
 pytest.importorskip("math_verify")
 
 # final answers that make sympy compute for minutes or grow without bound
+# ((x+1)^{100000} against 4 takes sympy about 2 s here, the powers far longer)
 HANGS = ["2^{2^{40}}", "9^{9^{9^{9}}}", "(x+1)^{100000}"]
-TIMEOUT_S = 2.0
+TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +33,26 @@ def checker() -> SymbolicChecker:
     c.close()
 
 
-def test_equivalence_is_still_found(checker: SymbolicChecker) -> None:
-    assert checker.check("\\frac{\\sqrt{2}}{2}", "1/\\sqrt{2}") is Verdict.EQUAL
-    assert checker.check("x+1", "1+x") is Verdict.EQUAL
-    assert checker.check("x", "y") is Verdict.DIFFERENT
+@pytest.fixture(scope="module")
+def patient() -> SymbolicChecker:
+    c = SymbolicChecker(CheckLimits(timeout_s=30.0))  # equivalences, whatever the machine's load
+    yield c
+    c.close()
+
+
+def test_equivalence_is_still_found(patient: SymbolicChecker) -> None:
+    assert patient.check("\\frac{\\sqrt{2}}{2}", "1/\\sqrt{2}") is Verdict.EQUAL
+    assert patient.check("x+1", "1+x") is Verdict.EQUAL
+    assert patient.check("x", "y") is Verdict.DIFFERENT
 
 
 @pytest.mark.parametrize("answer", HANGS)
 def test_a_hanging_check_is_stopped_at_its_limit(checker: SymbolicChecker, answer: str) -> None:
     checker.check("x", "x")  # a child is running: the clock below is the check's alone
     t0 = time.monotonic()
-    assert checker.check(answer, "4") is Verdict.TIMEOUT
+    assert checker.check(answer, "4").bounded  # stopped by the clock (or the memory limit)
     assert time.monotonic() - t0 < TIMEOUT_S + 1.0
-    assert checker.check("x+1", "1+x") is Verdict.EQUAL  # a fresh child takes over
+    assert checker.check("x", "x") is Verdict.EQUAL  # a fresh child takes over
 
 
 def test_a_memory_error_in_the_child_is_a_memory_verdict(monkeypatch, tmp_path: Path) -> None:
@@ -98,7 +106,7 @@ def test_hanging_answers_through_the_agent_loop_are_wrong_and_counted(
         None,
         1024,
         64,
-        answer_check=CheckLimits(timeout_s=TIMEOUT_S),
+        answer_check=CheckLimits(timeout_s=1.5),  # the children share the CPUs here
     )
     source = MathTasks(params)
     answers = [*HANGS, "\\frac{8}{2}", "2+2"]
@@ -135,7 +143,7 @@ def test_hanging_answers_through_the_agent_loop_are_wrong_and_counted(
     took = time.monotonic() - t0
     source.checker.close()
     # the checks run in parallel, one child each; starting a child (sympy) takes a few seconds
-    assert took < TIMEOUT_S + symbolic.STARTUP_TIMEOUT_S / 4, took
+    assert took < 1.5 + symbolic.STARTUP_TIMEOUT_S / 4, took
     assert _rss_mb() - rss < 100  # nothing of sympy's work lives in this process
     assert [e.end_reason for e in episodes] == [EndReason.ANSWER] * len(answers)
     assert [e.success for e in episodes] == [False, False, False, True, True]
