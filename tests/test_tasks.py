@@ -81,7 +81,7 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
 
 
 def test_registered_names_resolve_and_register_task_adds_one() -> None:
-    assert {"arithmetic", "math", "textworld"} <= set(TASKS.names())
+    assert {"arithmetic", "lookup", "math", "textworld"} <= set(TASKS.names())
     assert isinstance(build_task(load_config()), ArithmeticTasks)
 
     @register_task("spear-test-registered")
@@ -110,7 +110,7 @@ def test_module_attribute_plugins(plugin_dir: tuple[Path, str], attr: str) -> No
 @pytest.mark.parametrize(
     ("spec", "expect"),
     [
-        ("arithmetc", "unknown task 'arithmetc'; known: arithmetic, math, textworld. Did you mean 'arithmetic'?"),
+        ("arithmetc", "unknown task 'arithmetc'; known: arithmetic, lookup, math, textworld. Did you mean 'arithmetic'?"),
         ("no_such_module_xyz:make", "no module 'no_such_module_xyz'"),
         ("{module}:missing", "module {module} has no attribute 'missing'"),
         ("{module}:NOT_CALLABLE", "int object is neither a task factory nor a TaskSource"),
@@ -187,7 +187,7 @@ def test_entry_point_plugins(plugin_dir: tuple[Path, str], monkeypatch: pytest.M
         match=r"loading the spear.tasks entry point .*_missing:make failed: ModuleNotFoundError",
     ):
         load_config(overrides=["task.name=broken"])
-    with pytest.raises(ConfigError, match=r"known: arithmetic, broken, doubler, math"):
+    with pytest.raises(ConfigError, match=r"known: arithmetic, broken, doubler, lookup, math"):
         load_config(overrides=["task.name=nothing"])
 
 
