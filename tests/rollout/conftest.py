@@ -203,6 +203,7 @@ class ScriptedEnv:
     def __init__(self, script: EnvScript, release: threading.Event, log: list[Any]) -> None:
         self.script, self.release, self.log = script, release, log
         self.turn, self.closed, self.seed, self.actions = 0, False, None, []
+        self.hanging = False  # inside a hang_at step
 
     def reset(self, task: Task, *, seed: int | None = None) -> tuple[list[Message], dict[str, Any]]:
         if self.script.raise_on_reset:
@@ -224,7 +225,9 @@ class ScriptedEnv:
         if s.info_error_at == k:
             return StepResult([], 0.0, terminated=True, info={"env_error": "worker lost"})
         if s.hang_at == k:
+            self.hanging = True
             self.release.wait(timeout=30)
+            self.hanging = False
         info: dict[str, Any] = {"tool_calls": 1, "invalid_tool_calls": k % 2, "tool_errors": 0}
         if s.anchors:
             info["anchor"] = f"state {k + 1}"

@@ -389,9 +389,7 @@ def test_hanging_env_times_out_and_is_not_closed(tokenizer, env_factory) -> None
     fmt = ChatFormat(tokenizer, None)
     engine = ScriptedEngine(lambda c, i, p: fmt.encode("ok") + fmt.eot_ids)
     factory = env_factory(lambda k: EnvScript(hang_at=0) if k == 1 else EnvScript())
-    t0 = time.perf_counter()
     episodes = run(engine, tokenizer, factory, loop_params(env_step_timeout_s=0.3), tasks=TASKS[:1])
-    assert time.perf_counter() - t0 < 5
     good, hung = episodes
     assert good.end_reason == EndReason.ANSWER
     assert (
@@ -400,6 +398,7 @@ def test_hanging_env_times_out_and_is_not_closed(tokenizer, env_factory) -> None
     hung_env = next(env for env in factory.envs if env.script.hang_at == 0)
     other = next(env for env in factory.envs if env is not hung_env)
     assert other.closed and not hung_env.closed  # a hung env is abandoned, never closed
+    assert hung_env.hanging  # the loop returned while the step still blocked (30 s)
 
 
 # ------------------------------------------------------------------------------ params, evaluation
