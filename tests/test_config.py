@@ -1,6 +1,9 @@
 """Config tree: defaults, presets, files, overrides, and clear errors."""
 
+import dataclasses
+
 import pytest
+from pydantic import BaseModel
 
 from spear.config import (
     DEFAULT_RUN_CONFIG,
@@ -124,9 +127,47 @@ def test_default_run_config_and_yaml_round_trip():
     assert again == cfg
 
 
+def _required_fields(model: type[BaseModel], where: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        if f.is_required():
+            out.append(f"{where}{name}")
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            out += _required_fields(f.annotation, f"{where}{name}.")
+    return out
+
+
 def test_defaults_have_one_home():
-    # Config() with no input is valid: every field has exactly one default, here.
-    assert Config().rollout.group_size == 8
+    """B16: every config field, at every depth, has its default in spear/config.py, and none of
+    the records that spear/build.py (and the tasks) map the config onto declares a default of
+    its own, so a setting can only come from the config."""
+    assert _required_fields(Config) == []
+    assert Config() == validate_config({})  # the defaults alone make a valid config
+    from spear.algo.advantages import AdvantageParams
+    from spear.algo.losses import PolicyLossParams
+    from spear.envs.arithmetic import ArithmeticParams
+    from spear.envs.math_task import MathParams
+    from spear.envs.textworld_env import TextWorldParams
+    from spear.filters import ResponseFilterParams
+    from spear.models.warmstart import WarmStartParams
+    from spear.replay import ReplayParams
+    from spear.rewards import ToolBonus
+    from spear.rollout.engine import SamplingParams
+    from spear.rollout.loop import LoopParams
+    from spear.update import UpdateSettings
+
+    records = [
+        AdvantageParams, ArithmeticParams, LoopParams, MathParams, PolicyLossParams,
+        ReplayParams, ResponseFilterParams, SamplingParams, TextWorldParams, ToolBonus,
+        UpdateSettings, WarmStartParams,
+    ]  # fmt: skip
+    defaulted = [
+        f"{r.__name__}.{f.name}"
+        for r in records
+        for f in dataclasses.fields(r)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert defaulted == []
 
 
 def test_dr_grpo_constant_is_a_samples_response_budget() -> None:

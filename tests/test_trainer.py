@@ -299,3 +299,111 @@ def test_retain_freed_memory_switch(cache_dir, tmp_path, retain, monkeypatch):
     (tmp_path / "run").mkdir()
     Trainer(cfg, tmp_path / "run").close()
     assert bool(calls) == retain
+
+
+def _graded(monkeypatch):
+    """The tiny model never answers right: grade every other episode correct, so positive
+    advantages reach the replay buffer and it triggers."""
+    import spear.trainer as trainer_module
+
+    real = trainer_module.assign_rewards
+
+    def graded(episodes, step, *args, **kwargs):
+        for e in episodes:
+            e.outcome_reward = float(e.episode_id % 2)
+        return real(episodes, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "assign_rewards", graded)
+
+
+def _rows(input_ids, attention_mask) -> list[tuple[int, ...]]:
+    return [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
+
+
+def test_the_replay_update_trains_on_the_replay_batch_B2(cache_dir, tmp_path, monkeypatch):
+    # reference defect B2: the replay pass built its micro-batches from the last on-policy
+    # mini-batch. Here every row the replay update runs through the model is a replayed sample,
+    # each exactly once (one epoch, one mini-batch of replay.sample_size)
+    from collections import Counter
+
+    from spear.policy import Policy
+
+    _graded(monkeypatch)
+    phase: list[str] = []
+    seen: dict[str, list[tuple[int, ...]]] = {"actor": [], "replay": []}
+    real_forward = Policy.forward_logprobs
+
+    def forward(self, batch, **kw):
+        if phase:
+            seen[phase[-1]].extend(_rows(batch.input_ids, batch.attention_mask))
+        return real_forward(self, batch, **kw)
+
+    monkeypatch.setattr(Policy, "forward_logprobs", forward)
+    (tmp_path / "run").mkdir()
+    t = Trainer(_cfg(cache_dir, tmp_path / "run"), tmp_path / "run")
+    consumed: list[list[tuple[int, ...]]] = []
+    real_consume, real_update = t.c.buffer.consume, t._update
+
+    def consume(step):
+        batch = real_consume(step)
+        consumed.append([tuple(s.input_ids.tolist()) for s in batch.samples])
+        return batch
+
+    def update(samples, settings, stage, step, *, prefix, **kw):
+        phase.append(prefix)
+        try:
+            return real_update(samples, settings, stage, step, prefix=prefix, **kw)
+        finally:
+            phase.pop()
+
+    monkeypatch.setattr(t.c.buffer, "consume", consume)
+    monkeypatch.setattr(t, "_update", update)
+    for _ in range(4):
+        seen["replay"].clear()
+        m = t.train_step()
+        if m.get("replay/optimizer_steps"):
+            assert Counter(seen["replay"]) == Counter(consumed[-1])
+            break
+    else:
+        pytest.fail("the replay buffer never triggered")
+    t.close()
+
+
+def test_response_filters_run_on_the_on_policy_batch_B9(cache_dir, tmp_path, monkeypatch):
+    # reference defect B9: the response filters ran only in the replay trainer, so Dr.BoT runs
+    # had none. Here they mark the step's own samples, which then leave the update
+    import spear.trainer as trainer_module
+
+    calls: list[tuple[int, tuple[str, ...]]] = []
+    real_filters = trainer_module.apply_response_filters
+
+    def filters(episodes, params, tokenizer):
+        calls.append((len(episodes), params.enabled))
+        return real_filters(episodes, params, tokenizer)
+
+    monkeypatch.setattr(trainer_module, "apply_response_filters", filters)
+    (tmp_path / "run").mkdir()
+    cfg = _cfg(
+        cache_dir,
+        tmp_path / "run",
+        "filters.unreadable=true",
+        "filters.group_keep_ratio=1.0",
+        "replay.enabled=false",
+    )
+    t = Trainer(cfg, tmp_path / "run")
+    trained: list[int] = []
+    real_update = t.backend.update
+    monkeypatch.setattr(
+        t.backend,
+        "update",
+        lambda policy, batch, *a, **k: (
+            trained.append(batch.num_rows) or real_update(policy, batch, *a, **k)
+        ),
+    )
+    m = t.train_step()
+    assert calls == [(8, ("unreadable",))]  # 2 tasks x 4 rollouts, one sample each
+    caught = int(m["filter/unreadable"])
+    assert 0 < caught < 8  # this barely warm model writes byte salad now and then
+    assert m["filter/response_filtered"] == caught
+    assert trained == ([8 - caught] if caught < 8 else [])  # filtered samples leave the update
+    t.close()
