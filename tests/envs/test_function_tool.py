@@ -204,11 +204,9 @@ def test_exceptions_hangs_and_huge_outputs_become_observations() -> None:
     env = _env(boom, hang, huge, timeout=5.0)
     text, info = _observe(env, "boom", {"x": 1})
     assert text == "error: tool boom failed: ValueError: no good: 1" and info["tool_errors"] == 1
-    t0 = time.perf_counter()
     env.tools["hang"].timeout_s = 0.1  # type: ignore[attr-defined]  # the tool's own limit wins
-    text, info = _observe(env, "hang", {"x": 1})
+    text, info = _observe(env, "hang", {"x": 1})  # "after 0.1s": that limit, not the env's 5 s
     assert text == "error: tool hang failed: timed out after 0.1s" and info["tool_errors"] == 1
-    assert time.perf_counter() - t0 < 2.0
     text, _ = _observe(env, "huge", {"x": 1})
     assert len(text) <= 200 and text.endswith("...[truncated 9832 characters]")
     assert [c.ok for c in env.calls] == [False, False, True]
