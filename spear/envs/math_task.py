@@ -20,7 +20,7 @@ import functools
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +69,8 @@ class MathParams:
     sandbox_url: str | None
     sandbox_memory_mb: int
     sandbox_max_processes: int
-    answer_check: CheckLimits = field(default_factory=CheckLimits)  # symbolic answer checks
-    sandbox_allow_unsafe: bool = False  # run code without isolation when none works here
+    answer_check: CheckLimits  # symbolic answer checks
+    sandbox_allow_unsafe: bool  # run code without isolation when none works here
 
     def __post_init__(self) -> None:
         if not self.train_files:

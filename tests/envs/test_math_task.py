@@ -16,6 +16,7 @@ from spear.envs.math_task import (
     held_out,
     load_problems,
 )
+from spear.envs.symbolic import CheckLimits
 
 BUCKETS = 20
 
@@ -32,6 +33,8 @@ def _params(train: list[Path], test: list[Path] | None = None) -> MathParams:
         None,
         1024,
         64,
+        CheckLimits(),
+        False,
     )
 
 
@@ -140,7 +143,7 @@ def test_env_scores_boxed_answers_and_runs_the_sandbox(tmp_path: Path) -> None:
 
 def test_params_validation() -> None:
     with pytest.raises(ValueError, match="train_files"):
-        MathParams((), (), 5.0, 1, 512, BUCKETS, "local", None, 1024, 64)
+        MathParams((), (), 5.0, 1, 512, BUCKETS, "local", None, 1024, 64, CheckLimits(), False)
 
 
 def test_rollout_parser_is_the_env_parser(tmp_path: Path) -> None:

@@ -97,13 +97,14 @@ def test_exposure_of_the_fallback_as_the_trainers_user() -> None:
 def test_the_math_task_refuses_an_unsafe_sandbox(monkeypatch, tmp_path: Path) -> None:
     from spear.envs import sandbox_local
     from spear.envs.math_task import MathParams, MathTasks
+    from spear.envs.symbolic import CheckLimits
 
     monkeypatch.setattr(sandbox_local, "_detect", lambda *a: _Plan("rlimits", None))
     train = tmp_path / "t.jsonl"
     train.write_text('{"problem": "p", "answer": "1"}\n')
-    args = ((str(train),), (), 5.0, 1, 512, 20, "local", None, 1024, 64)
+    args = ((str(train),), (), 5.0, 1, 512, 20, "local", None, 1024, 64, CheckLimits())
     with pytest.raises(SandboxUnsafe):
-        MathTasks(MathParams(*args)).tools()
+        MathTasks(MathParams(*args, sandbox_allow_unsafe=False)).tools()
     tool = MathTasks(MathParams(*args, sandbox_allow_unsafe=True)).tools()[0]
     assert tool.isolation == "rlimits"  # type: ignore[attr-defined]
 

@@ -107,6 +107,7 @@ def test_hanging_answers_through_the_agent_loop_are_wrong_and_counted(
         1024,
         64,
         answer_check=CheckLimits(timeout_s=1.5),  # the children share the CPUs here
+        sandbox_allow_unsafe=False,
     )
     source = MathTasks(params)
     answers = [*HANGS, "\\frac{8}{2}", "2+2"]
