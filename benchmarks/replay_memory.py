@@ -101,6 +101,7 @@ def main() -> int:
         keep="positive",
         decay_weight=1.0,
         consume="clear",
+        staleness="current_step",
     )
     gen = torch.Generator().manual_seed(args.seed)
     # All inputs exist before the baseline and stay alive until the buffer is measured, so the

@@ -113,7 +113,7 @@ class ReplayParams:
     keep: Keep
     decay_weight: float  # decay mode: A = decay_weight * A_collected
     consume: Consume
-    staleness: Staleness = "current_step"  # the clock tolerate_steps is measured on
+    staleness: Staleness  # the clock tolerate_steps is measured on
 
     def __post_init__(self) -> None:
         _require_int("capacity", self.capacity, 1)

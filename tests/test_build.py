@@ -37,6 +37,7 @@ OVERRIDES = [
     "replay.trigger_ratio=1.2", "replay.sample_size=6", "replay.sampling=prioritized",
     "replay.recalibration=median", "replay.normalize_by_std=true", "replay.std_eps=0.001",
     "replay.keep=non_negative", "replay.decay_weight=0.4", "replay.consume=sliding",
+    "replay.staleness=newest_entry",
     "optim.ppo_epochs=2", "optim.micro_batch_size=3", "optim.grad_clip=0.7",
     "reward.tool_bonus.mode=cosine", "reward.tool_bonus.alpha=0.2", "reward.tool_bonus.cap=0.5",
     "reward.tool_bonus.horizon=40", "reward.tool_bonus.count=turns",
@@ -112,7 +113,7 @@ def test_replay_params(cfg: Config) -> None:
     assert replay_params(cfg) == ReplayParams(
         capacity=10, history_size=90, tolerate_steps=3, trigger_ratio=1.2, sample_size=6,
         sampling="prioritized", recalibration="median", normalize_by_std=True, std_eps=0.001,
-        keep="non_negative", decay_weight=0.4, consume="sliding",
+        keep="non_negative", decay_weight=0.4, consume="sliding", staleness="newest_entry",
     )  # fmt: skip
     unset = load_config(overrides=[o for o in OVERRIDES if not o.startswith("replay.sample")])
     assert replay_params(unset).sample_size == 10  # None = the capacity

@@ -22,7 +22,13 @@ from spear.replay import (
 from spear.types import Sample
 
 _NUMBERS = dict(capacity=4, history_size=100, tolerate_steps=5, sample_size=4, decay_weight=0.1)
-_CHOICES = dict(sampling="uniform", recalibration="median", keep="positive", consume="clear")
+_CHOICES = dict(
+    sampling="uniform",
+    recalibration="median",
+    keep="positive",
+    consume="clear",
+    staleness="current_step",
+)
 BASE = {**_NUMBERS, **_CHOICES, "trigger_ratio": 1.5, "normalize_by_std": False, "std_eps": 1e-6}
 
 
