@@ -59,6 +59,24 @@ def model_dir(cfg: Config, source: TaskSource | None = None) -> str:
     )
 
 
+def describe_model(cfg: Config, source: TaskSource | None = None) -> str:
+    """What preparing the run's model will do, for the display: load ``model.path``, load the
+    shipped or cached warm model, or build it (the first run with these settings)."""
+    if cfg.model.path is not None:
+        return f"loading {cfg.model.path} and preparing the task"
+    from spear.models.warmstart import SHIPPED_DIR, WarmStartParams, find_warm_model
+
+    warm = WarmStartParams.from_config(cfg, source)
+    found = find_warm_model(Path(cfg.model.cache_dir), warm, cfg.model.warm_start.seed)
+    if found is None:
+        return (
+            f"building the warm model (first run with these model settings: tokenizer, tiny "
+            f"model, {warm.steps} warm-start steps; cached afterwards)"
+        )
+    where = "shipped" if found.parent == SHIPPED_DIR else "cached"
+    return f"loading the {where} warm model and preparing the task"
+
+
 def build_policy(cfg: Config, source: TaskSource | None = None) -> Policy:
     device = resolve_device(cfg.trainer.device)
     tokenizer_path = cfg.model.tokenizer_path if cfg.model.path is not None else None

@@ -12,39 +12,47 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from spear import __version__
 from spear.config import (
     DEFAULT_RUN_CONFIG,
     Config,
     ConfigError,
+    config_differences,
     config_to_yaml,
     load_config,
     preset_names,
     run_config_names,
     run_config_path,
+    unknown_config_error,
 )
 from spear.resume import latest_step, record_resume, resume_overrides
 
 if TYPE_CHECKING:
+    from spear.display import RunDisplay
     from spear.trainer import Trainer
 
-# piped output (a log file, CI) gets a wide line instead of rich's 80 columns, so the progress line is whole
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)  # errors go to stderr, so piped results stay clean
+# One console for the live display and the log lines (they print above the bars, never into
+# them); errors go to stderr, so piped results stay clean.
+console = Console(stderr=False)
+err_console = Console(stderr=True)
 log = logging.getLogger("spear")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
-    )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """spear's own INFO lines (DEBUG with -v) on the shared console; other libraries' only from
+    WARNING up (matplotlib's "generated new fontManager", transformers' notes)."""
+    from spear.display import log_handler
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = log_handler(console)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would break the live display
@@ -79,6 +87,8 @@ def _open_run(args: argparse.Namespace) -> tuple[Path, Config] | int:
             _print_result(run_dir, plot=False)
             return 0
         return run_dir, cfg
+    if args.config and not run_config_path(args.config).exists():
+        raise unknown_config_error(args.config, shows=False)
     file = (
         run_config_path(args.config)
         if args.config
@@ -95,17 +105,16 @@ def _open_run(args: argparse.Namespace) -> tuple[Path, Config] | int:
     return run_dir, cfg
 
 
-def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer | int:
+def _build_trainer(cfg: Config, run_dir: Path, resume: bool, display: RunDisplay) -> Trainer | int:
     """The trainer (model built, warm start run or read from its cache, checkpoint restored),
     or 130 after a Ctrl-C, which keeps no directory of a new run (a long warm start keeps its
     progress in the model cache)."""
+    from spear.build import describe_model
     from spear.interrupts import Interrupted
     from spear.trainer import Trainer
 
     try:
-        with console.status(
-            "building the model (first run: tokenizer, tiny model and warm start, cached)..."
-        ):
+        with display.preparing(describe_model(cfg)):
             return Trainer(cfg, run_dir, resume=resume)
     except BaseException as e:
         if not resume:  # a run that never started leaves no directory behind
@@ -118,7 +127,17 @@ def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer | int:
     return 130
 
 
+def _first_before(run_dir: Path) -> float | None:
+    """The step-0 held-out success of a run directory's metrics (for a resumed run's display)."""
+    from spear.metrics import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    rows = read_metrics(path) if path.exists() else []
+    return next((r["eval/success"] for r in rows if r.get("eval/success") is not None), None)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from spear.display import RunDisplay, progress_style
     from spear.interrupts import TrainingInterrupted
 
     opened = _open_run(args)
@@ -128,35 +147,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]spear[/] training [cyan]{cfg.preset or 'custom'}[/] on task [cyan]{cfg.task.name}[/] for {cfg.trainer.steps} steps -> {run_dir}"
     )
-    trainer = _build_trainer(cfg, run_dir, bool(args.resume))
+    display = RunDisplay(console, progress_style(cfg.task.name), show_steps=cfg.logging.progress)
+    trainer = _build_trainer(cfg, run_dir, bool(args.resume), display)
     if isinstance(trainer, int):
         return trainer
     if args.resume:
         record_resume(run_dir, args.overrides, latest_step(run_dir))
-    progress = Progress(
-        TextColumn("[bold]step {task.completed}/{task.total}"),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not cfg.logging.progress,
-    )
-    with progress:
-        bar = progress.add_task(
-            "train", total=cfg.trainer.steps, completed=trainer.step, info="evaluating..."
-        )
-
-        def on_step(step: int, m: dict[str, float]) -> None:
-            info = (
-                f"success {m.get('train/success', 0):.2f}  reward {m.get('reward/score', m.get('train/outcome_reward', 0)):.2f}  "
-                f"entropy {m.get('actor/entropy', float('nan')):.3f}  tools {m.get('train/tool_calls', 0):.2f}  "
-                f"replay {m.get('replay/size', 0):.0f}"
-            )
-            if "eval/success" in m:
-                info += f"  held-out {m['eval/success']:.2f}"
-            progress.update(bar, completed=step, info=info)
-
+    before = _first_before(run_dir) if args.resume else None
+    with display.training(cfg.trainer.steps, trainer.step, before) as on_step:
         try:
             trainer.fit(on_step=on_step)
         except KeyboardInterrupt as e:
@@ -225,15 +223,35 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_header(name: str, cfg: Config) -> str:
+    """YAML comment lines above ``spear config show NAME``: what runs this config, and for the
+    default run's preset, how ``spear train`` with no arguments differs from it."""
+    if name in run_config_names():
+        how = "`spear train` with no arguments" if name == "default" else f"`spear train {name}`"
+        lines = [f"{how} runs this: the {cfg.preset} preset + spear/configs/{name}.yaml"]
+    else:
+        lines = [f"`spear train --preset {name}` runs this: the {name} preset on spear's defaults"]
+        default = load_config(file=DEFAULT_RUN_CONFIG)
+        if name == default.preset:
+            lines.append(
+                "note: `spear train` with no arguments runs `default` (this preset + "
+                "spear/configs/default.yaml; `spear config show default`), which differs in:"
+            )
+            lines += [f"  {k}: {a} -> {b}" for k, a, b in config_differences(cfg, default)]
+    return "".join(f"# {line}\n" for line in lines)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.name == "list":
         console.print("\n".join([*run_config_names(), *preset_names()]))
         return 0
     if args.name in run_config_names():  # a shipped run config: default, textworld
         cfg = load_config(file=run_config_path(args.name), overrides=args.overrides)
-    else:
+    elif args.name in preset_names():
         cfg = load_config(preset=args.name, overrides=args.overrides)
-    sys.stdout.write(config_to_yaml(cfg))
+    else:
+        raise unknown_config_error(args.name, shows=True)
+    sys.stdout.write(_show_header(args.name, cfg) + config_to_yaml(cfg))
     return 0
 
 
@@ -242,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spear", description="Train tool-using multi-turn LLM agents with the SPEAR recipe."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"spear {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",

@@ -560,6 +560,30 @@ def run_config_path(name_or_path: str) -> Path:
     return path
 
 
+def unknown_config_error(name: str, *, shows: bool) -> ConfigError:
+    """The error for a config ``name`` that is no file, no shipped run config and no preset: the
+    closest valid name and every valid one. ``shows``: for ``spear config show`` (where a
+    preset and ``list`` are valid names), else for ``spear train`` (a file or a run config)."""
+    runs, presets = run_config_names(), preset_names()
+    close = difflib.get_close_matches(name, [*runs, *presets], n=1)
+    if shows:
+        return ConfigError(
+            f"unknown config {name!r}{_suggest(name, [*runs, *presets])}; known: "
+            f"{', '.join(runs)} (run configs), {', '.join(presets)} (presets), list"
+        )
+    hint = ""
+    if close:
+        hint = (
+            f" (did you mean {close[0]!r}?)"
+            if close[0] in runs
+            else f" (did you mean `--preset {close[0]}`?)"
+        )
+    return ConfigError(
+        f"config file {name!r} does not exist{hint}; shipped run configs: {', '.join(runs)}; "
+        f"presets (with --preset): {', '.join(presets)}"
+    )
+
+
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -613,6 +637,21 @@ def validate_config(data: Mapping[str, Any]) -> Config:
         msg = err["msg"].removeprefix("Value error, ")
         where = f"{loc}: " if loc else ""
         raise ConfigError(f"invalid config: {where}{msg}") from None
+
+
+def config_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """``(dotted field, value in a, value in b)`` for every field where two configs differ, in
+    field order (a schedule counts as one field)."""
+
+    def flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            nested = isinstance(v, Mapping) and "kind" not in v  # a schedule spec is one value
+            out.update(flat(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(a.model_dump(mode="json"), ""), flat(b.model_dump(mode="json"), "")
+    return [(k, fa[k], fb.get(k)) for k in fa if fa[k] != fb.get(k)]
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -15,7 +15,9 @@ added whether or not the episode succeeded, as in the reference. ``phi(t)`` must
 Two penalties:
 
 * ``invalid_penalty * Episode.num_invalid_tool_calls`` (``reward.invalid_call_penalty``, off by
-  default): an Episode records only counts, so every sample of the episode pays it.
+  default; malformed or unknown tool calls, not a text game's inadmissible actions, which are
+  counted apart in ``Episode.num_invalid_actions``): an Episode records only counts, so every
+  sample of the episode pays it.
 * ``Sample.turn_penalty``: what the env charged the sample's own turn (``info["penalty"]``, e.g.
   TextWorld's inadmissible action, :mod:`spear.envs.base`). Only that sample pays it: in the turn
   layout the offending turn's score is ``R - 0.1``, its siblings keep ``R``, as in the reference

@@ -119,6 +119,7 @@ def episode_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float
         f"{prefix}/tool_calls": sum(e.num_tool_calls for e in episodes) / n,
         f"{prefix}/invalid_tool_calls": sum(e.num_invalid_tool_calls for e in episodes) / n,
         f"{prefix}/tool_errors": sum(e.num_tool_errors for e in episodes) / n,
+        f"{prefix}/invalid_actions": sum(e.num_invalid_actions for e in episodes) / n,
         f"{prefix}/turns": sum(e.num_turns for e in episodes) / n,
         f"{prefix}/response_tokens": sum(
             sum(s.num_response_tokens for s in e.samples) for e in episodes

@@ -343,11 +343,16 @@ class Trainer:
         second stops at once and the step in flight is discarded, or, when only its evaluation
         was running, saved with the evaluation pending. Either way :class:`TrainingInterrupted`
         says what was kept, and every checkpoint holds one step boundary of an uninterrupted run.
+
+        ``on_step(step, metrics)`` is called after every step, and with step 0 and the held-out
+        metrics after the evaluation before training (a run that starts at step 0).
         """
         last: dict[str, float] = {}
         with finish_step_on_sigint() as stop:
             if self.step == 0 and not self._has_row0:
                 last = self._step0_eval()
+                if on_step is not None:
+                    on_step(0, last)
             if self._pending_row is not None:  # restored from a checkpoint whose eval was cut
                 last = self._complete_step(self._pending_row, on_step)
                 self._pending_row = None

@@ -96,6 +96,7 @@ class Episode:
     num_tool_calls: int  # parsed, valid tool calls
     num_invalid_tool_calls: int  # malformed JSON, unknown tools, bad arguments, ...
     num_tool_errors: int = 0  # tools that raised, timed out, exceeded limits
+    num_invalid_actions: int = 0  # text games: turns whose action was missing or inadmissible
     response_text: str = ""  # the model's text of the last turn (for filters and logging)
     final_answer: str | None = None
     info: dict[str, Any] = field(default_factory=dict)

@@ -52,6 +52,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return rc, _ANSI.sub("", out + err)
 
 
+def yaml_body(text: str) -> str:
+    """``config show`` output without its leading comment lines."""
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[next(i for i, line in enumerate(lines) if not line.startswith("#")) :])
+
+
 def error_line(text: str) -> str:
     """The output is exactly one non-empty line, an error; return it."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -119,7 +125,7 @@ def test_config_show_spear_is_yaml_with_replay(capsys: pytest.CaptureFixture[str
     data = yaml.safe_load(out)
     assert data["preset"] == "spear"
     assert data["replay"]["enabled"] is True
-    assert out == config_to_yaml(load_config(preset="spear"))
+    assert yaml_body(out) == config_to_yaml(load_config(preset="spear"))
 
 
 def test_config_show_grpo_has_no_replay(capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,8 +143,40 @@ def test_config_show_applies_overrides(capsys: pytest.CaptureFixture[str]) -> No
 def test_config_show_default_is_the_embedded_run(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = run(capsys, "config", "show", "default")
     assert rc == 0
-    assert out == config_to_yaml(load_config(file=DEFAULT_RUN_CONFIG))
+    assert yaml_body(out) == config_to_yaml(load_config(file=DEFAULT_RUN_CONFIG))
     assert yaml.safe_load(out)["trainer"]["steps"] == 30  # configs/default.yaml, not the 40 default
+
+
+def test_config_show_spear_says_how_the_default_run_differs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `spear train` (no arguments) runs `default`, not the bare preset: the header says so and
+    # names every field that differs, with both values
+    rc, out = run(capsys, "config", "show", "spear")
+    header = [line for line in out.splitlines() if line.startswith("#")]
+    assert rc == 0 and "`spear train` with no arguments runs `default`" in header[1]
+    assert "#   trainer.steps: 40 -> 30" in header
+    assert "#   reward.tool_bonus.horizon: 200 -> 30" in header
+    assert any(line.startswith("#   replay.loss_coef:") for line in header)
+    rc, out = run(capsys, "config", "show", "grpo")  # not the default's preset: no such note
+    assert rc == 0 and "differs" not in out
+
+
+def test_config_differences_lists_changed_fields_in_order() -> None:
+    from spear.config import config_differences
+
+    a = load_config(preset="spear")
+    b = load_config(preset="spear", overrides=["trainer.steps=3", "optim.lr=0.5"])
+    assert config_differences(a, b) == [("optim.lr", a.optim.lr, 0.5), ("trainer.steps", 40, 3)]
+    assert config_differences(a, a) == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from spear import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"spear {__version__}"
 
 
 def test_config_show_default_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,7 +202,15 @@ def test_config_show_default_applies_overrides(capsys: pytest.CaptureFixture[str
         (["train", "optim.lr=-1"], ["optim.lr"]),
         (["train", "nosuch-config.yaml"], ["nosuch-config.yaml", "does not exist"]),
         (["train", "optim.lr"], []),  # no "=": taken as a config file name, which does not exist
-        (["config", "show", "nosuch"], ["unknown preset 'nosuch'", "spear"]),
+        # every valid name, run configs and `list` included
+        (
+            ["config", "show", "nosuch"],
+            ["unknown config 'nosuch'", "default", "textworld", "spear", "grpo", "list"],
+        ),
+        (["config", "show", "textwrld"], ["did you mean 'textworld'?"]),
+        # a near miss of a shipped run config, or of a preset (which goes with --preset)
+        (["train", "textworldd"], ["'textworldd' does not exist", "did you mean 'textworld'?"]),
+        (["train", "grpoo"], ["did you mean `--preset grpo`?"]),
     ],
 )
 def test_config_errors_are_one_line(

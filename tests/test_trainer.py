@@ -138,12 +138,17 @@ def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
     (tmp_path / "int").mkdir()
     t = Trainer(cfg, tmp_path / "int")
 
+    seen = []
+
     def interrupt(step, metrics):
-        raise KeyboardInterrupt
+        seen.append((step, "eval/success" in metrics))
+        if step > 0:  # step 0 is the evaluation before training
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         t.fit(on_step=interrupt)
     t.close()
+    assert seen == [(0, True), (1, False)]  # the before value reaches the display
     assert (tmp_path / "int" / "checkpoints" / "step_000001" / "trainer_state.pt").exists()
 
 

@@ -13,8 +13,9 @@ credit for a wasted turn goes to that turn, not to the turns before it or the wh
 (In the episode layout the one sample holds every turn and pays their sum.) The reward is
 sparse: 1.0 on the winning step, else 0.0; TextWorld's own score is kept as a metric
 (``info["score"]``, ``info["max_score"]``).
-(``reward.invalid_call_penalty`` would charge invalid actions a second time, per episode; leave
-it at 0 for TextWorld.)
+The agent loop counts such turns as inadmissible actions (``Episode.num_invalid_actions``,
+metric ``*/invalid_actions``), apart from invalid tool calls, so ``reward.invalid_call_penalty``
+does not charge them.
 After ``max_steps`` actions (valid or not) an unfinished episode is truncated. ``info`` also
 carries ``"admissible_actions"``, ``"anchor"`` (the raw observation of the current game state,
 for GiGPO; invalid turns leave it unchanged because the state did not change) and

@@ -16,6 +16,11 @@ in exact proportions given by the parameters:
 The model sees its own (assistant) tokens in the loss only; the mask comes from the
 prefix-stable chat rendering. The result is cached on disk, keyed by a hash of all parameters and
 the seed, and written atomically (built in a temporary directory, then renamed).
+
+The package ships the warm model of the default run (``spear/data/warm/warm-<key>/``, built by
+``python -m spear.models.shipped``): :func:`ensure_warm_model` takes a shipped model of the
+requested key before the cache, so every machine starts from the same weights and a first run
+skips the build; any other key builds and caches as before.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +64,12 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 5  # bump when demo generation or training changes in a way params do not show
 WARMUP_FRACTION = 0.05  # linear LR warm-up over this share of the steps, then cosine decay to 0
 REPORT_FILE = "warmstart.json"
+#: warm models that ship inside the package, one ``warm-<cache key>`` directory each
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "warm"
+
+#: called as ``(steps done, total steps, loss)`` after every warm-start step of a build
+BuildProgress = Callable[[int, int, float], None]
+_build_progress: ContextVar[BuildProgress | None] = ContextVar("warm_build_progress", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,7 +508,21 @@ def train_warm_start(
 # Build and cache
 
 
-def _log_progress(total: int) -> Callable[[int, float], None]:
+@contextmanager
+def report_build_progress(callback: BuildProgress) -> Iterator[None]:
+    """Within the block, warm-model builds report every step to ``callback`` (a display's
+    progress bar) instead of logging a line every tenth of the steps."""
+    token = _build_progress.set(callback)
+    try:
+        yield
+    finally:
+        _build_progress.reset(token)
+
+
+def _progress(total: int) -> Callable[[int, float], None]:
+    report = _build_progress.get()
+    if report is not None:
+        return lambda step, loss: report(step + 1, total, loss)
     every = max(1, total // 10)
 
     def on_step(step: int, loss: float) -> None:
@@ -524,7 +551,7 @@ def build_warm_model(
     model = build_tiny_model(params.model, tok, seed)
     prep_s = time.perf_counter() - start
     losses = train_warm_start(
-        model, examples, params, tok.pad_token_id, seed, _log_progress(params.steps), snapshot
+        model, examples, params, tok.pad_token_id, seed, _progress(params.steps), snapshot
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -549,18 +576,30 @@ def build_warm_model(
     return report
 
 
+def find_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Path | None:
+    """The directory of an existing warm model for ``(params, seed)``: the one shipped in the
+    package if there is one of this key, else the cached one; None when it must be built."""
+    name = f"warm-{params.cache_key(seed)}"
+    for place in (SHIPPED_DIR, Path(cache_dir).expanduser()):
+        if (place / name / REPORT_FILE).exists():
+            return place / name
+    return None
+
+
 def ensure_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Path:
-    """The directory of the warm model for ``(params, seed)``, built once and then reused.
+    """The directory of the warm model for ``(params, seed)``: shipped, cached, or built once.
 
     The directory loads with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``. It is
     built in a temporary directory next to its final place and renamed into place, so a crash
     never leaves a half-written model; concurrent builders keep whichever finished first.
     """
     cache_dir = Path(cache_dir).expanduser()
+    found = find_warm_model(cache_dir, params, seed)
+    if found is not None:
+        where = "shipped" if found.parent == SHIPPED_DIR else "cached"
+        log.info("using the %s warm model %s", where, found)
+        return found
     final = cache_dir / f"warm-{params.cache_key(seed)}"
-    if (final / REPORT_FILE).exists():
-        log.info("using the cached warm model %s", final)
-        return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     snapshot = cache_dir / f".resume-{final.name}.pt"  # kept when a build is stopped
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))

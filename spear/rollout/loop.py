@@ -122,6 +122,7 @@ class _Run:
     response_tokens: int = 0
     tool_calls: int = 0
     invalid: int = 0
+    invalid_actions: int = 0
     tool_errors: int = 0
     reward: float = 0.0
     penalty: float = 0.0  # sum of the turns' info["penalty"] (not part of ``reward``)
@@ -306,8 +307,9 @@ def _record_step(
     r.reward += reward
     r.penalty += penalty
     r.tool_calls += _count(info, "tool_calls")
-    r.invalid += _count(info, "invalid_tool_calls") + int(bool(info.get("invalid_action")))
-    if info.get("invalid_action"):
+    r.invalid += _count(info, "invalid_tool_calls")
+    if info.get("invalid_action"):  # a text game's missing or inadmissible action
+        r.invalid_actions += 1
         r.info.setdefault("invalid_turns", []).append(r.turns - 1)
     r.tool_errors += _count(info, "tool_errors")
     r.success = bool(info.get("success", False))
@@ -423,6 +425,7 @@ def _episode(r: _Run, params: LoopParams, step: int) -> Episode:
         num_turns=r.turns,
         num_tool_calls=r.tool_calls,
         num_invalid_tool_calls=r.invalid,
+        num_invalid_actions=r.invalid_actions,
         num_tool_errors=r.tool_errors,
         response_text=r.response_text,
         final_answer=r.final_answer,

@@ -133,7 +133,11 @@ def test_invalid_action_penalty_lands_on_its_turn(tasks: list[Task]) -> None:
     assert [s.turn_penalty for s in episode.samples] == pytest.approx([0.1] * 4)
     assert [s.turn_reward for s in episode.samples] == [0.0] * 4
     assert episode.outcome_reward == 0.0
-    assert episode.num_invalid_tool_calls == 4 and episode.end_reason is EndReason.TERMINATED
+    assert episode.end_reason is EndReason.TERMINATED
+    # counted as the game's inadmissible actions, not as invalid tool calls
+    assert episode.num_invalid_actions == 4 and episode.num_invalid_tool_calls == 0
+    m = episode_metrics([episode], "train")
+    assert m["train/invalid_actions"] == 4.0 and m["train/invalid_tool_calls"] == 0.0
 
 
 _THREADED_STARTS = """
