@@ -34,9 +34,10 @@ if TYPE_CHECKING:
     from spear.trainer import Trainer
 
 # One console for the live display and the log lines (they print above the bars, never into
-# them); errors go to stderr, so piped results stay clean.
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# them); errors go to stderr, so piped results stay clean. Messages are never wrapped or cut at
+# the console's width (soft_wrap): in a log file every line is whole.
+console = Console(stderr=False, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("spear")
 
 
