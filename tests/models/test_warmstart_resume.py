@@ -53,7 +53,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(
     ]  # no half-built model, only the snapshot
     monkeypatch.setattr(ws, "train_warm_start", real)
     counted: list[int] = []
-    monkeypatch.setattr(ws, "_log_progress", lambda total: lambda s, _loss: counted.append(s))
+    monkeypatch.setattr(ws, "_progress", lambda total: lambda s, _loss: counted.append(s))
     resumed = ensure_warm_model(tmp_path / "b", params, seed=0)
     assert steps_run == [0, 1, 2, 3] and counted == [4, 5]  # only the steps left were trained
     got = _weights(resumed)
