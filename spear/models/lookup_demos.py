@@ -9,8 +9,8 @@ outputs and errors look exactly as during RL. The three warm-start fractions kee
 * ``guess``: one of three plausible but wrong strategies, in turn -- answer the quantity with no
   tool call; call the calculator with a made-up price (never the real one) and box its result;
   look the price up and box the price (stopping one call short);
-* ``bad_call``: in turn, a malformed call followed by a guess, or a lookup of another catalogue
-  item followed by the calculator on that item's price.
+* ``bad_call``: in turn, a malformed call or a lookup of a misspelled item (an error), each
+  followed by the quantity as a guess.
 
 Each partial strategy is one piece of the chain, so a model that imitates the mix composes the
 chain only by chance: sampled success starts low (a few percent, see
@@ -39,6 +39,15 @@ def _made_up_price(true_price: int, rng: random.Random) -> int:
             return p
 
 
+def _misspelled(item: str, rng: random.Random) -> str:
+    """``item`` with one letter dropped: not in the catalogue, so the lookup answers an error."""
+    i = rng.randrange(len(item))
+    if item[i] == " ":
+        i = 0
+    missing = item[:i] + item[i + 1 :]
+    return missing if missing not in catalogue() else item + "s"
+
+
 def _script(task: Task, kind: DemoKind, variant: int, rng: random.Random) -> list[str | None]:
     """The actions of one demo; ``None`` stands for "the oracle's next action"."""
     from spear.models.warmstart import DemoKind, boxed, malformed_call_text, tool_call_text
@@ -56,27 +65,23 @@ def _script(task: Task, kind: DemoKind, variant: int, rng: random.Random) -> lis
         return [tool_call_text("lookup", {"item": item}), "<box last>"]
     if variant % 2 == 0:
         return [malformed_call_text(item, rng).replace("calculator", "lookup"), boxed(str(q))]
-    other = rng.choice([i for i in catalogue() if i != item])
-    return [tool_call_text("lookup", {"item": other}), "<calc last>", "<box last>"]
+    return [tool_call_text("lookup", {"item": _misspelled(item, rng)}), boxed(str(q))]
 
 
 def play_lookup_demo(
     env: Env, task: Task, kind: DemoKind, variant: int, rng: random.Random
 ) -> list[Message]:
     """Play one scripted demonstration in ``env``; return the whole conversation."""
-    from spear.models.warmstart import boxed, tool_call_text
+    from spear.models.warmstart import boxed
 
     messages, _ = env.reset(task)
     messages = list(messages)
     observations: list[str] = []
-    q = int(task.meta["quantity"])
     for action in _script(task, kind, variant, rng):
         if action is None:
             text = oracle_actions(task, observations)
         elif action == "<box last>":
             text = boxed(observations[-1].strip())
-        elif action == "<calc last>":
-            text = tool_call_text("calculator", {"expression": f"{q}*{observations[-1].strip()}"})
         else:
             text = action
         messages.append({"role": "assistant", "content": text})

@@ -131,3 +131,31 @@ def test_rollout_parser_reaches_the_env() -> None:
     assert LookupTasks(PARAMS).make_env().parser is PARSERS.get("hermes")  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="tool_timeout_s"):
         LookupParams(tool_timeout_s=0.0, max_observation_chars=10)
+
+
+def test_no_demo_looks_up_another_catalogue_item() -> None:
+    # a demo that chains a lookup of the wrong item taught the warm model to chain wrong items
+    import json
+    import re
+
+    cfg = load_config(file=run_config_path("lookup"))
+    wp = dataclasses.replace(WarmStartParams.from_config(cfg), num_demos=300)
+    demos, _ = make_lookup_demos(wp, seed=1)
+    items = set(catalogue())
+    tasks = {t.prompt: t for t in generate_tasks("train", 300, 1)}
+    looked = 0
+    for d in demos:
+        task = tasks[d.messages[1]["content"]]
+        for m in d.messages:
+            call = re.search(r"<tool_call>(.*)</tool_call>", str(m.get("content", "")))
+            if m["role"] != "assistant" or call is None:
+                continue
+            try:
+                payload = json.loads(call.group(1))
+            except json.JSONDecodeError:
+                continue
+            item = payload.get("arguments", {}).get("item")
+            if payload.get("name") == "lookup" and item is not None:
+                looked += 1
+                assert item == task.meta["item"] or item not in items
+    assert looked > 50
