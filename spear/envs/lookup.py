@@ -2,7 +2,7 @@
 
 A problem asks for the cost of ``q`` units of a catalogue item, e.g.
 
-    "How much do 37 units of teal lamp cost?"
+    "How much do 37 units of part 418 cost?"
 
 The unit price is not in the prompt: only the ``lookup`` tool reveals it. Success needs two
 dependent tool calls in separate turns -- ``lookup(item)``, then ``calculator(q*price)`` with the
@@ -10,8 +10,10 @@ price copied from the first call's observation -- and a final ``\\boxed{q*price}
 sparse and terminal: 1 for the right boxed number, 0 for anything else (tool calls earn nothing
 here; the SPEAR recipe's intrinsic tool-call bonus is the trainer's, not the task's).
 
-The catalogue is fixed: every item is a ``"<colour> <thing>"`` pair of two word lists and its
-price (10-999, one token of the built-in tokenizer) is a hash of its name. Splits are by item:
+The catalogue is fixed: 900 items ``"part 100"`` ... ``"part 999"``, each priced (10-999) by a hash
+of its name; item numbers, quantities and prices are each one token of the built-in tokenizer,
+which copies numbers well (a two-word item name was beyond the warm-started tiny model: it copied
+the wrong item into its lookups). Splits are by item:
 an item belongs to ``test`` when the SHA-256 of its name falls in bucket 0 of
 :data:`SPLIT_BUCKETS`, to ``validation`` in bucket 1, else to ``train``, so a held-out (or
 validation) problem never names an item a training problem names, and memorising training
@@ -42,15 +44,7 @@ MIN_PRICE, MAX_PRICE = 10, 999
 
 SYSTEM_PROMPT = "Look up prices, then use the calculator. Answer as \\boxed{n}."
 
-COLOURS = (
-    "red", "blue", "green", "black", "white", "grey", "pink", "gold",
-    "teal", "brown", "orange", "purple", "silver", "amber", "olive", "navy",
-)  # fmt: skip
-THINGS = (
-    "lamp", "chair", "table", "kettle", "mug", "plate", "bowl", "spoon",
-    "towel", "pillow", "blanket", "basket", "bucket", "ladder", "hammer", "brush",
-    "candle", "clock", "mirror", "vase", "rug", "stool", "shelf", "fan",
-)  # fmt: skip
+FIRST_PART, LAST_PART = 100, 999  # item numbers: one token each for the built-in tokenizer
 _TEMPLATES = (
     "How much do {q} units of {item} cost?",
     "An order asks for {q} units of {item}. What is the total price?",
@@ -59,8 +53,8 @@ _TEMPLATES = (
 
 
 def catalogue() -> list[str]:
-    """Every item name, in a fixed order."""
-    return [f"{c} {t}" for c in COLOURS for t in THINGS]
+    """Every item name (``"part 100"`` ... ``"part 999"``), in a fixed order."""
+    return [f"part {n}" for n in range(FIRST_PART, LAST_PART + 1)]
 
 
 def unit_price(item: str) -> int:
@@ -124,10 +118,10 @@ def generate_tasks(split: str, n: int, seed: int) -> list[Task]:
     seen: set[tuple[str, int]] = set()
     while len(tasks) < n:
         item, q = rng.choice(items), rng.randint(MIN_QUANTITY, MAX_QUANTITY)
-        if (item, q) in seen:
-            continue
-        seen.add((item, q))
         price = unit_price(item)
+        if (item, q) in seen or str(price) in (str(q), item.split()[-1]):
+            continue  # the price must not be a number the prompt already shows
+        seen.add((item, q))
         prompt = rng.choice(_TEMPLATES).format(q=q, item=item)
         key = hashlib.sha256(f"{item}:{q}".encode()).hexdigest()[:12]
         meta = {"item": item, "quantity": q, "price": price, "split": split}
