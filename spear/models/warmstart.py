@@ -448,6 +448,28 @@ def _save_snapshot(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # a snapshot is whole or absent
 
 
+def examples_digest(examples: Sequence[tuple[Tensor, Tensor]]) -> str:
+    """SHA-256 of the encoded demonstrations (ids and masks): what a snapshot was trained on."""
+    h = hashlib.sha256()
+    for ids, mask in examples:
+        h.update(ids.to(torch.int64).numpy().tobytes())
+        h.update(mask.to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _matching_snapshot(snapshot: Path | None, digest: str) -> dict[str, Any] | None:
+    """The snapshot's state when it was trained on these demonstrations, else None (a snapshot
+    left by a build of other demonstrations under the same key, e.g. after a code change, is
+    ignored with a warning instead of crashing the build)."""
+    if snapshot is None or not snapshot.exists():
+        return None
+    state = torch.load(snapshot, map_location="cpu", weights_only=False)
+    if state.get("examples") != digest:
+        log.warning("ignoring %s: it was trained on other demonstrations", snapshot.name)
+        return None
+    return dict(state)
+
+
 def train_warm_start(
     model: torch.nn.Module,
     examples: Sequence[tuple[Tensor, Tensor]],
@@ -469,8 +491,9 @@ def train_warm_start(
     order: list[int] = []
     losses: list[float] = []
     start = 0
-    if snapshot is not None and snapshot.exists():
-        state = torch.load(snapshot, map_location="cpu", weights_only=False)
+    digest = examples_digest(examples)
+    state = _matching_snapshot(snapshot, digest)
+    if snapshot is not None and state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -495,7 +518,8 @@ def train_warm_start(
         if snapshot is not None and time.monotonic() - saved_at >= SNAPSHOT_EVERY_S:
             state = {"step": step + 1, "model": model.state_dict(), "order": order,
                      "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                     "torch_rng": torch.get_rng_state(), "losses": losses}  # fmt: skip
+                     "torch_rng": torch.get_rng_state(), "losses": losses,
+                     "examples": digest}  # fmt: skip
             _save_snapshot(snapshot, state)
             saved_at = time.monotonic()
         if on_step is not None:

@@ -72,3 +72,20 @@ def test_an_interrupt_before_any_snapshot_says_nothing_was_kept(
     with pytest.raises(Interrupted, match="not cached yet"):
         ensure_warm_model(tmp_path, params, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_snapshot_of_other_demonstrations_is_ignored(
+    tmp_path: Path, params: WarmStartParams, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    # a build of other demonstrations under the same key (a code change) left a snapshot whose
+    # tokenizer had another size: the build starts afresh instead of crashing on load_state_dict
+    reference = _weights(ensure_warm_model(tmp_path / "a", params, seed=0))
+    cache = tmp_path / "b"
+    cache.mkdir()
+    stale = {"step": 3, "model": {"w": torch.zeros(3)}, "examples": "another build"}
+    torch.save(stale, cache / f".resume-warm-{params.cache_key(0)}.pt")
+    with caplog.at_level("WARNING"):
+        built = ensure_warm_model(cache, params, seed=0)
+    assert "trained on other demonstrations" in caplog.text
+    got = _weights(built)
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
