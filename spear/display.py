@@ -57,7 +57,9 @@ class ProgressStyle:
 
 _REWARD = ProgressField("reward", ("reward/score", "train/outcome_reward"))
 _ENTROPY = ProgressField("entropy", ("actor/entropy",), ".3f")
-_REPLAY = ProgressField("replay", ("replay/size",), ".0f")
+# samples that would pass recalibration: SIL runs once this exceeds replay/trigger_at (the buffer's
+# size is not shown: it may exceed replay.capacity, which is a trigger unit, not a storage limit)
+_REPLAY = ProgressField("sil-eligible", ("replay/eligible",), ".0f")
 
 TOOL_TASK_STYLE = ProgressStyle(
     fields=(
@@ -219,11 +221,14 @@ class RunDisplay:
         is the evaluation before training; ``before`` is its held-out value when the run
         resumes and has no step 0)."""
         before_: list[float] = [] if before is None else [before]
+        latest: dict[str, float] = {}  # the last held-out value, shown until the next one
 
         def info(step: int, m: dict[str, float]) -> str:
             if step == 0 and "eval/success" in m:
                 before_[:] = [m["eval/success"]]
-            return step_info(m, self.style, before_[0] if before_ else None)
+            elif "eval/success" in m:
+                latest["eval/success"] = m["eval/success"]
+            return step_info({**m, **latest}, self.style, before_[0] if before_ else None)
 
         if not self.show_steps:
             yield lambda step, m: None

@@ -36,20 +36,20 @@ STEP = {
     "train/tool_calls": 0.9,
     "train/invalid_actions": 1.25,
     "train/turns": 3.5,
-    "replay/size": 12.0,
+    "replay/eligible": 12.0,
 }
 
 
 def test_tool_task_step_line() -> None:
     assert step_info(STEP, TOOL_TASK_STYLE, None) == (
-        "success 0.44  reward 0.50  entropy 0.812  tools 0.90  replay 12"
+        "success 0.44  reward 0.50  entropy 0.812  tools 0.90  sil-eligible 12"
     )
 
 
 def test_game_step_line_speaks_of_wins_and_inadmissible_actions() -> None:
     line = step_info({**STEP, "eval/success": 0.25}, GAME_STYLE, 0.125)
     assert line == (
-        "wins 0.44  reward 0.50  entropy 0.812  inadmissible 1.25  turns 3.5  replay 12  "
+        "wins 0.44  reward 0.50  entropy 0.812  inadmissible 1.25  turns 3.5  sil-eligible 12  "
         "held-out wins 0.12 -> 0.25"
     )
     assert "tools" not in line and "success" not in line
@@ -95,17 +95,20 @@ def test_plain_output_is_complete_lines(monkeypatch: pytest.MonkeyPatch) -> None
     console, buf = _plain_console()
     display = RunDisplay(console, TOOL_TASK_STYLE)
     assert not display.live
-    times = iter([0.0, 3.0, 6.0])
+    times = iter([0.0, 3.0, 6.0, 9.0, 12.0])
     monkeypatch.setattr("spear.display.time.perf_counter", lambda: next(times))
     with display.training(total=30, completed=0) as on_step:
         on_step(0, {"eval/success": 0.2})
         on_step(1, STEP)
+        on_step(2, {**STEP, "eval/success": 0.5})
+        on_step(3, STEP)  # the latest held-out value stays on the line until the next one
     lines = buf.getvalue().splitlines()
-    assert lines == [
+    assert lines[:2] == [
         "step 0/30  held-out 0.20 (before training)  elapsed 0:00:03  eta -:--:--",
-        "step 1/30  success 0.44  reward 0.50  entropy 0.812  tools 0.90  replay 12  "
+        "step 1/30  success 0.44  reward 0.50  entropy 0.812  tools 0.90  sil-eligible 12  "
         "held-out 0.20 (before training)  elapsed 0:00:06  eta 0:02:54",
     ]
+    assert "held-out 0.20 -> 0.50" in lines[2] and "held-out 0.20 -> 0.50" in lines[3]
     assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
 
 
