@@ -21,34 +21,10 @@ from spear.compare import (
 from spear.compare_report import band, bootstrap_ci, bootstrap_diff_ci, summary_markdown
 from spear.config import ConfigError
 from spear.trainer import Trainer
+from tests.test_trainer import TINY
 
-TINY_LOOKUP = [
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.num_layers=1",
-    "model.tiny.num_heads=2",
-    "model.warm_start.num_demos=64",
-    "model.warm_start.steps=5",
-    "model.warm_start.batch_size=16",
-    "rollout.tasks_per_step=2",
-    "rollout.group_size=4",
-    "rollout.max_turns=2",
-    "rollout.max_new_tokens=16",
-    "rollout.max_response_tokens=32",
-    "optim.micro_batch_size=4",
-    "eval.num_tasks=4",
-    "eval.every=2",
-    "trainer.steps=3",
-    "trainer.save_every=1",
-    "logging.tensorboard=false",
-    "replay.capacity=1",
-    "replay.trigger_ratio=0.5",
-    # a 5-step warm start writes byte salad that the response filters would remove entirely
-    "filters.unreadable=false",
-    "filters.repetitive=false",
-    "filters.incomplete=false",
-    "filters.overlong=false",
-]
+# the trainer tests' tiny model and budget (later overrides win), on the lookup task
+TINY_LOOKUP = [*TINY, "trainer.steps=3", "trainer.save_every=1", "replay.capacity=1"]
 
 
 def spec(tmp_path: Path, **over) -> CompareSpec:
