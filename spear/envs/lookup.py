@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from spear.envs.arithmetic import CALCULATOR_LIMITS, Calculator
 from spear.envs.base import Env, Task, Tool
-from spear.envs.tool_env import NATIVE_PARSER, check_tool_limits
+from spear.envs.tool_env import NATIVE_PARSER, boxed_number_env, check_tool_limits
 
 if TYPE_CHECKING:
     from spear.config import Config
@@ -187,14 +187,9 @@ class LookupTasks:
         return list(self._tools)
 
     def make_env(self) -> Env:
-        from spear.envs.answers import score_boxed_number
-        from spear.envs.tool_env import ToolEnv
-        from spear.rollout.parsers import PARSERS
-
-        return ToolEnv(
+        return boxed_number_env(
             self.tools(),
-            PARSERS.get(self.parser),
-            score_boxed_number,
+            self.parser,
             system_prompt=SYSTEM_PROMPT,
             tool_timeout_s=self.params.tool_timeout_s,
             max_calls_per_turn=MAX_CALLS_PER_TURN,

@@ -37,6 +37,32 @@ Scorer = Callable[[str, Task], Score]
 NATIVE_PARSER = "hermes"
 
 
+def boxed_number_env(
+    tools: Sequence[Tool],
+    parser: str,
+    *,
+    system_prompt: str,
+    tool_timeout_s: float,
+    max_calls_per_turn: int,
+    max_observation_chars: int,
+) -> ToolEnv:
+    """A :class:`ToolEnv` scored by a ``\\boxed{}`` number equal to the task's answer (the
+    built-in ``arithmetic`` and ``lookup`` tasks); ``parser`` names a ``spear.rollout.parsers``
+    entry."""
+    from spear.envs.answers import score_boxed_number
+    from spear.rollout.parsers import PARSERS
+
+    return ToolEnv(
+        tools,
+        PARSERS.get(parser),
+        score_boxed_number,
+        system_prompt=system_prompt,
+        tool_timeout_s=tool_timeout_s,
+        max_calls_per_turn=max_calls_per_turn,
+        max_observation_chars=max_observation_chars,
+    )
+
+
 def check_tool_limits(tool_timeout_s: float, max_observation_chars: int) -> None:
     """Raise ``ValueError`` naming the field unless a tool env's limits are usable."""
     if not tool_timeout_s > 0:
