@@ -6,16 +6,19 @@ outputs and errors look exactly as during RL. The three warm-start fractions kee
 
 * ``tool``: the full chain (:func:`~spear.envs.lookup.oracle_actions`): ``lookup(item)``, then
   ``calculator(q*price)`` with the looked-up price, then ``\\boxed{result}``;
-* ``guess``: one of three plausible but wrong strategies, in turn -- answer the quantity with no
+* ``guess``: one of four plausible but wrong strategies, in turn -- answer the quantity with no
   tool call; call the calculator with a made-up price (never the real one) and box its result;
-  look the price up and box the price (stopping one call short);
+  look the price up and box the price (stopping one call short); look the price up, copy it into
+  the calculator with the wrong operation (``q+price``) and box that;
 * ``bad_call``: in turn, a malformed call or a lookup of a misspelled item (an error), each
   followed by the quantity as a guess.
 
 Each partial strategy is one piece of the chain, so a model that imitates the mix composes the
-chain only by chance: measured, 0.2% sampled success and 1 of 128 greedy held-out problems with
-the shipped mix (``benchmarks/hard_exploration.md``), the sparse regime the SPEAR recipe targets
-(below the 1-10% it is meant to start at: the tiny model rarely copies a looked-up price).
+chain only by chance. The copy variant matters: without it the tiny model almost never copied a
+looked-up price into the next call (0.2% sampled success with three variants). Measured with the
+shipped mix (``frac_tool=0.05``): 1.2% sampled training success, 91% of groups all-equal, 0 of
+128 greedy held-out problems (``benchmarks/hard_exploration.md``), the sparse regime the SPEAR
+recipe targets.
 """
 
 from __future__ import annotations
@@ -57,12 +60,14 @@ def _script(task: Task, kind: DemoKind, variant: int, rng: random.Random) -> lis
     if kind is DemoKind.TOOL:
         return [None, None, None]
     if kind is DemoKind.GUESS:
-        if variant % 3 == 0:
+        if variant % 4 == 0:
             return [boxed(str(q))]
-        if variant % 3 == 1:
+        if variant % 4 == 1:
             expr = f"{q}*{_made_up_price(price, rng)}"
             return [tool_call_text("calculator", {"expression": expr}), "<box last>"]
-        return [tool_call_text("lookup", {"item": item}), "<box last>"]
+        if variant % 4 == 2:
+            return [tool_call_text("lookup", {"item": item}), "<box last>"]
+        return [tool_call_text("lookup", {"item": item}), "<add last>", "<box last>"]
     if variant % 2 == 0:
         return [malformed_call_text(item, rng).replace("calculator", "lookup"), boxed(str(q))]
     return [tool_call_text("lookup", {"item": _misspelled(item, rng)}), boxed(str(q))]
@@ -72,7 +77,7 @@ def play_lookup_demo(
     env: Env, task: Task, kind: DemoKind, variant: int, rng: random.Random
 ) -> list[Message]:
     """Play one scripted demonstration in ``env``; return the whole conversation."""
-    from spear.models.warmstart import boxed
+    from spear.models.warmstart import boxed, tool_call_text
 
     messages, _ = env.reset(task)
     messages = list(messages)
@@ -82,6 +87,9 @@ def play_lookup_demo(
             text = oracle_actions(task, observations)
         elif action == "<box last>":
             text = boxed(observations[-1].strip())
+        elif action == "<add last>":
+            expr = f"{int(task.meta['quantity'])}+{observations[-1].strip()}"
+            text = tool_call_text("calculator", {"expression": expr})
         else:
             text = action
         messages.append({"role": "assistant", "content": text})

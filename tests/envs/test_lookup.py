@@ -159,3 +159,27 @@ def test_no_demo_looks_up_another_catalogue_item() -> None:
                 looked += 1
                 assert item == task.meta["item"] or item not in items
     assert looked > 50
+
+
+def test_the_copy_demo_adds_the_looked_up_price_and_fails() -> None:
+    # one guess variant practises copying a tool observation into the next call, with the
+    # wrong operation: the chain's remaining piece is choosing "*" (seen only with made-up prices)
+    import json
+    import re
+
+    cfg = load_config(file=run_config_path("lookup"))
+    wp = dataclasses.replace(WarmStartParams.from_config(cfg), num_demos=200)
+    demos, _ = make_lookup_demos(wp, seed=2)
+    tasks = {t.prompt: t for t in generate_tasks("train", 200, 2)}
+    copies = 0
+    for d in demos:
+        task = tasks[d.messages[1]["content"]]
+        for m in d.messages:
+            call = re.search(r"<tool_call>(.*)</tool_call>", str(m.get("content", "")))
+            if m["role"] != "assistant" or call is None or "+" not in call.group(1):
+                continue
+            expr = json.loads(call.group(1))["arguments"]["expression"]
+            assert expr == f"{task.meta['quantity']}+{task.meta['price']}"
+            copies += 1
+            assert d.messages[-1]["content"] != f"\\boxed{{{task.answer}}}"
+    assert copies >= 200 * wp.frac_guess // 4 - 1
