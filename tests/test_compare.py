@@ -49,7 +49,7 @@ def test_every_method_gets_the_base_budget_and_its_own_algorithm(tmp_path) -> No
             8,
             8,
         )
-        assert (cfg.trainer.steps, cfg.optim.lr, cfg.model.warm_start.frac_tool) == (40, 1e-4, 0.06)
+        assert (cfg.trainer.steps, cfg.optim.lr, cfg.model.warm_start.frac_tool) == (40, 1e-4, 0.05)
     assert grpo.advantage.norm_by_std and grpo.loss.aggregation == "token-mean"  # its preset
     assert not grpo.replay.enabled and grpo.reward.tool_bonus.mode == "none"
     assert not drbot.replay.enabled and drbot.reward.tool_bonus.mode == "none"
