@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
@@ -615,16 +616,33 @@ def ensure_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Pa
 
     The directory loads with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``. It is
     built in a temporary directory next to its final place and renamed into place, so a crash
-    never leaves a half-written model; concurrent builders keep whichever finished first.
+    never leaves a half-written model. Processes that need the same model at once (the jobs of
+    ``spear compare``) take turns on the lock file ``.warm-<key>.lock``: one builds, the others
+    wait and then load its model instead of building it again.
     """
     cache_dir = Path(cache_dir).expanduser()
     found = find_warm_model(cache_dir, params, seed)
-    if found is not None:
-        where = "shipped" if found.parent == SHIPPED_DIR else "cached"
-        log.info("using the %s warm model %s", where, found)
-        return found
+    if found is None:  # build it, or wait while another process (a compare job) builds it
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(cache_dir / f".warm-{params.cache_key(seed)}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for another process that is building this warm model")
+            lock.acquire()
+        try:
+            return find_warm_model(cache_dir, params, seed) or _build(cache_dir, params, seed)
+        finally:
+            lock.release()
+    where = "shipped" if found.parent == SHIPPED_DIR else "cached"
+    log.info("using the %s warm model %s", where, found)
+    return found
+
+
+def _build(cache_dir: Path, params: WarmStartParams, seed: int) -> Path:
+    """Build the warm model in ``.building-*`` and rename it into place (the caller holds the
+    key's lock)."""
     final = cache_dir / f"warm-{params.cache_key(seed)}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
     snapshot = cache_dir / f".resume-{final.name}.pt"  # kept when a build is stopped
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     try:
