@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,6 +29,19 @@ def _sweep(items: list[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _chosen_from(path: str | None) -> dict[str, str]:
+    """The sweep's choices recorded in a comparison's ``summary.json`` ({} without a path)."""
+    if path is None:
+        return {}
+    try:
+        chosen = json.loads(Path(path).read_text())["sweep"]["chosen"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--chosen-from {path}: not a compare summary.json ({e})") from None
+    if not chosen:
+        raise ConfigError(f"--chosen-from {path}: that comparison ran no sweep")
+    return {str(m): str(v) for m, v in chosen.items()}
+
+
 def add_compare_parser(sub: Any) -> None:
     from spear.compare import METHODS
 
@@ -50,6 +64,9 @@ def add_compare_parser(sub: Any) -> None:
     c.add_argument("--sweep", nargs="*", default=[], metavar="KEY=V1,V2",
                    help="one setting to sweep per method, e.g. optim.lr=1e-4,3e-4,1e-3")  # fmt: skip
     c.add_argument("--sweep-seeds", nargs="*", type=int, default=[], help="seeds of the sweep runs")
+    c.add_argument("--chosen-from", metavar="SUMMARY_JSON",
+                   help="skip the sweep: use the values another comparison's sweep chose "
+                        "(its summary.json; give the same --sweep)")  # fmt: skip
     c.add_argument("--out", required=True, help="output directory (reused: finished runs are kept)")
     c.add_argument(
         "--jobs", type=int, default=1, help="runs at a time (each in its own process, 1 thread)"
@@ -73,8 +90,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sweep_seeds=tuple(args.sweep_seeds),
         match_horizons=not args.keep_horizons,
         jobs=args.jobs,
+        chosen=_chosen_from(args.chosen_from),
     )
-    n_sweep = len(plan_runs(spec)) if spec.sweep else 0  # builds every config: errors show now
+    n_sweep = (
+        len(plan_runs(spec)) if spec.sweep and not spec.chosen else 0
+    )  # builds every config: errors show now
     n_main = len(spec.methods) * len(spec.seeds)
     console.print(
         f"[bold]spear compare[/]: {', '.join(spec.methods)} x seeds {list(spec.seeds)}"

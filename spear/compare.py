@@ -19,7 +19,8 @@ config is made of, later layers winning:
 A sweep (``sweep={"optim.lr": [...]}``) first trains every method at every swept value on the
 ``sweep_seeds``, evaluating on the **validation** split, and picks per method the value with the
 highest mean final validation success (ties: the first listed); the main runs then use it on the
-held-out ``test`` split. The held-out split is never used to choose anything.
+held-out ``test`` split. The held-out split is never used to choose anything. ``chosen`` gives
+those choices instead, carried over from another comparison's sweep (the sweep is not run).
 
 Every run lives in its own directory under ``out`` and checkpoints every ``trainer.save_every``
 steps; a finished run has a ``run.json``. Running the same comparison again skips finished runs,
@@ -99,6 +100,10 @@ class CompareSpec:
     sweep_seeds: tuple[int, ...] = ()
     match_horizons: bool = True
     jobs: int = 1
+    #: per method, the swept setting's value to use *without* running the sweep: a choice
+    #: carried over from another comparison's validation sweep (its summary.json's
+    #: ``sweep.chosen``), e.g. for a harder variant of the same task
+    chosen: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -114,12 +119,25 @@ class CompareSpec:
             raise ConfigError("compare: give one or more distinct seeds")
         if len(self.sweep) > 1:
             raise ConfigError("compare: sweep one setting at a time (e.g. optim.lr)")
-        if self.sweep and not self.sweep_seeds:
+        if self.chosen:
+            self._check_chosen()
+        elif self.sweep and not self.sweep_seeds:
             raise ConfigError("compare: a sweep needs --sweep-seeds (distinct from --seeds)")
         if set(self.sweep_seeds) & set(self.seeds):
             raise ConfigError("compare: --sweep-seeds must differ from --seeds")
         if self.jobs < 1:
             raise ConfigError(f"compare: jobs must be >= 1, got {self.jobs}")
+
+    def _check_chosen(self) -> None:
+        if len(self.sweep) != 1:
+            raise ConfigError("compare: carried-over choices need the swept setting (--sweep)")
+        missing = [m for m in self.methods if m not in self.chosen]
+        if missing:
+            raise ConfigError(f"compare: no carried-over value for method(s) {missing}")
+        ((key, values),) = self.sweep.items()
+        odd = {m: v for m, v in self.chosen.items() if v not in values}
+        if odd:
+            raise ConfigError(f"compare: carried-over {key} values {odd} are not in {values}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +321,10 @@ def run_comparison(
     done = on_done or (lambda plan, record: None)
     sweep_records: list[dict[str, Any]] = []
     chosen: dict[str, str] = {}
-    if spec.sweep:
+    if spec.chosen:
+        chosen = dict(spec.chosen)
+        log.info("using the carried-over choices %s (no sweep)", chosen)
+    elif spec.sweep:
         sweep_records = execute(plan_runs(spec), spec.jobs, done)
         chosen = choose_values(spec, sweep_records)
         log.info("sweep chose %s", chosen)

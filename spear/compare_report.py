@@ -155,6 +155,7 @@ def write_report(
             "values": {k: list(v) for k, v in spec.sweep.items()},
             "validation_final": sweep,
             "chosen": chosen,
+            "carried_over": bool(spec.chosen),
         },
         "methods": methods,
         "gaps": _gaps(methods),
@@ -218,6 +219,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         for name, by_value in sweep["validation_final"].items():
             cells = ", ".join(f"{v}: {_pct(statistics.fmean(s))}" for v, s in by_value.items())
             lines.append(f"| {name} | {cells} | {sweep['chosen'].get(name)} |")
+    elif sweep.get("carried_over"):
+        picks = ", ".join(f"{m} {v}" for m, v in sweep["chosen"].items())
+        lines += ["", f"Swept setting carried over from another comparison's sweep: {picks}."]
     return "\n".join(lines) + "\n"
 
 

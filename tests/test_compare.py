@@ -104,6 +104,43 @@ def test_the_sweep_runs_on_validation_and_the_main_runs_on_test(tmp_path) -> Non
     assert {(p.method, p.config.optim.lr) for p in main_runs} == {("grpo", 3e-4), ("spear", 1e-4)}
 
 
+def test_carried_over_choices_skip_the_sweep_and_are_checked(tmp_path, monkeypatch) -> None:
+    import spear.compare as compare
+
+    sweep = {"optim.lr": ("1e-4", "3e-4")}
+    s = spec(tmp_path, sweep=sweep, chosen={"grpo": "3e-4", "spear": "1e-4"})  # no sweep seeds
+    ran: list[tuple[str, str, float]] = []
+
+    def fake_execute(plans, jobs, on_done):
+        ran.extend((p.phase, p.method, p.config.optim.lr) for p in plans)
+        return []
+
+    monkeypatch.setattr(compare, "execute", fake_execute)
+    monkeypatch.setattr("spear.compare_report.write_report", lambda *a: {"chosen": a[-1]})
+    assert run_comparison(s) == {"chosen": {"grpo": "3e-4", "spear": "1e-4"}}
+    assert ran == [("main", "grpo", 3e-4), ("main", "spear", 1e-4)]  # no sweep run at all
+    with pytest.raises(ConfigError, match=r"no carried-over value for method\(s\) \['spear'\]"):
+        spec(tmp_path, sweep=sweep, chosen={"grpo": "3e-4"})
+    with pytest.raises(ConfigError, match=r"values \{'spear': '1e-3'\} are not in"):
+        spec(tmp_path, sweep=sweep, chosen={"grpo": "3e-4", "spear": "1e-3"})
+    with pytest.raises(ConfigError, match="need the swept setting"):
+        spec(tmp_path, chosen={"grpo": "3e-4", "spear": "1e-4"})
+
+
+def test_the_cli_reads_carried_over_choices_from_a_summary(tmp_path) -> None:
+    from spear.cli_compare import _chosen_from
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"sweep": {"chosen": {"grpo": "2e-4", "spear": "5e-5"}}}))
+    assert _chosen_from(str(path)) == {"grpo": "2e-4", "spear": "5e-5"}
+    assert _chosen_from(None) == {}
+    path.write_text(json.dumps({"sweep": {"chosen": {}}}))
+    with pytest.raises(ConfigError, match="ran no sweep"):
+        _chosen_from(str(path))
+    with pytest.raises(ConfigError, match=r"not a compare summary\.json"):
+        _chosen_from(str(tmp_path / "missing.json"))
+
+
 def _record(method: str, value: str, final: float) -> dict:
     return {
         "method": method,

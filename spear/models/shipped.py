@@ -11,8 +11,9 @@ caches as before.
 Rebuild after a change to the defaults or to the warm-start code (it takes about 5 minutes on 2
 cores; the old directory is replaced)::
 
-    python -m spear.models.shipped            # build every shipped model
-    python -m spear.models.shipped --check    # only compare the shipped fingerprints
+    python -m spear.models.shipped                # build every shipped model
+    python -m spear.models.shipped --only lookup  # build one, keep the others
+    python -m spear.models.shipped --check        # only compare the shipped fingerprints
 
 Each shipped directory carries a :func:`build_fingerprint` of its build inputs (the
 demonstrations, the tokenizer, a sample of encoded demonstrations and the initial weights): cheap
@@ -175,10 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m spear.models.shipped", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--check", action="store_true", help="only compare the shipped fingerprints")
+    p.add_argument("--only", nargs="+", choices=SHIPPED_RUN_CONFIGS, metavar="NAME",
+                   help=f"build only these ({', '.join(SHIPPED_RUN_CONFIGS)}); the others are "
+                        "kept as shipped")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.check:
-        for name in SHIPPED_RUN_CONFIGS:
+        for name in args.only or SHIPPED_RUN_CONFIGS:
             log.info("wrote %s", build_shipped(name))
         for d in stale_dirs():
             log.info("removing the stale %s", d)
