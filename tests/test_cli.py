@@ -115,7 +115,7 @@ def test_train_help_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> No
 def test_config_show_list(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = run(capsys, "config", "show", "list")
     assert rc == 0
-    assert out.splitlines() == ["default", "lookup", "textworld", *preset_names()]
+    assert out.splitlines() == ["default", "lookup", "lookup-sparse", "textworld", *preset_names()]
     assert {"spear", "grpo", "gigpo", "drbot"} <= set(out.splitlines())
 
 

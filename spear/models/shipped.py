@@ -49,7 +49,7 @@ from spear.models.warmstart import (
 log = logging.getLogger(__name__)
 
 #: shipped run configs (``spear/configs/<name>.yaml``) whose warm model ships in the package
-SHIPPED_RUN_CONFIGS: tuple[str, ...] = ("default", "lookup")
+SHIPPED_RUN_CONFIGS: tuple[str, ...] = ("default", "lookup", "lookup-sparse")
 FINGERPRINT_FILE = "fingerprint.json"
 ENCODED_SAMPLE = 64  # demonstrations encoded into the fingerprint (all 3,000 take ~10 s)
 INIT_REL_TOL = 1e-5  # initial-weight statistics may differ by rounding between CPUs

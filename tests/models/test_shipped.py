@@ -132,7 +132,7 @@ def test_a_changed_default_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     other = dataclasses.replace(params, num_demos=params.num_demos - 1)
     diffs = fingerprint_differences(shipped, build_fingerprint(other, seed))
     assert "demos_sha256 differs" in diffs
-    assert SHIPPED_RUN_CONFIGS == ("default", "lookup")
+    assert SHIPPED_RUN_CONFIGS == ("default", "lookup", "lookup-sparse")
 
 
 @pytest.mark.slow
@@ -160,15 +160,16 @@ def test_only_builds_the_named_models(monkeypatch: pytest.MonkeyPatch) -> None:
         shipped.main(["--only", "no-such-config"])
 
 
+@pytest.mark.parametrize("name", ["lookup", "lookup-sparse"])
 def test_the_lookup_benchmark_loads_its_shipped_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the hard-exploration benchmark starts from the same weights on every machine (issue 17):
     # its warm build sits near the point where copying emerges, so a rebuild is not the same
     from spear.config import run_config_path
 
     monkeypatch.setattr(ws, "build_warm_model", lambda *_: pytest.fail("built a warm model"))
-    cfg = load_config(file=run_config_path("lookup"), overrides=[f"model.cache_dir={tmp_path}"])
-    params, seed = shipped_params("lookup")
+    cfg = load_config(file=run_config_path(name), overrides=[f"model.cache_dir={tmp_path}"])
+    params, seed = shipped_params(name)
     assert ws.WarmStartParams.from_config(cfg) == params
     assert ensure_warm_model(tmp_path, params, seed).parent == SHIPPED_DIR
