@@ -566,7 +566,7 @@ def test_cache_key_includes_the_cache_version(
 # ensure_warm_model (one real build, then fakes)
 
 
-def _listing(cache: Path) -> list[str]:
+def cache_listing(cache: Path) -> list[str]:
     """The cache's entries, less the (empty, harmless) per-key lock files."""
     return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
 
@@ -580,7 +580,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, params: WarmStartParams) -> 
 def test_ensure_builds_into_the_keyed_directory(built: Any, params: WarmStartParams) -> None:
     cache, path = built
     assert path == cache / f"warm-{params.cache_key(0)}"
-    assert _listing(cache) == [path.name]  # no .building-* left over
+    assert cache_listing(cache) == [path.name]  # no .building-* left over
     report = json.loads((path / REPORT_FILE).read_text())
     assert report["params"] == json.loads(json.dumps(dataclasses.asdict(params)))
     assert report["seed"] == 0 and report["version"] == ws.CACHE_VERSION
@@ -613,14 +613,14 @@ def test_ensure_reuses_the_cache(
         raise AssertionError("build_warm_model called although the model is cached")
 
     monkeypatch.setattr(ws, "build_warm_model", no_rebuild)
-    before = _listing(cache)
+    before = cache_listing(cache)
     assert ensure_warm_model(cache, params, seed=0) == path
     assert ensure_warm_model(str(cache), params, seed=0) == path  # a str works too
-    assert _listing(cache) == before
+    assert cache_listing(cache) == before
     # a different seed is a different model: it would build
     with pytest.raises(AssertionError, match="build_warm_model called"):
         ensure_warm_model(cache, params, seed=1)
-    assert _listing(cache) == before  # and leaves nothing behind
+    assert cache_listing(cache) == before  # and leaves nothing behind
 
 
 def test_ensure_failed_build_leaves_no_directory(
@@ -633,7 +633,7 @@ def test_ensure_failed_build_leaves_no_directory(
     monkeypatch.setattr(ws, "build_warm_model", half_build)
     with pytest.raises(RuntimeError, match="crashed mid-build"):
         ensure_warm_model(tmp_path, params, seed=0)
-    assert _listing(tmp_path) == []  # neither the final dir nor a .building-* dir
+    assert cache_listing(tmp_path) == []  # neither the final dir nor a .building-* dir
 
 
 def test_ensure_rename_writes_the_final_dir_atomically(
@@ -651,7 +651,7 @@ def test_ensure_rename_writes_the_final_dir_atomically(
     monkeypatch.setattr(ws, "build_warm_model", fake_build)
     path = ensure_warm_model(tmp_path, params, seed=5)
     assert len(seen) == 1 and (path / REPORT_FILE).read_text() == "{}"
-    assert _listing(tmp_path) == [path.name]
+    assert cache_listing(tmp_path) == [path.name]
 
 
 def test_ensure_concurrent_builder_keeps_the_first_finished(
@@ -669,7 +669,7 @@ def test_ensure_concurrent_builder_keeps_the_first_finished(
     monkeypatch.setattr(ws, "build_warm_model", racing_build)
     assert ensure_warm_model(tmp_path, params, seed=0) == final
     assert (final / REPORT_FILE).read_text() == '"first"'
-    assert _listing(tmp_path) == [final.name]
+    assert cache_listing(tmp_path) == [final.name]
 
 
 def test_concurrent_callers_build_once_and_share_the_model(
@@ -693,7 +693,7 @@ def test_concurrent_callers_build_once_and_share_the_model(
     got.append(ensure_warm_model(tmp_path, params, seed=0))  # waits on the lock, then loads
     first.join()
     assert len(builds) == 1 and got[0] == got[1] == tmp_path / f"warm-{params.cache_key(0)}"
-    assert _listing(tmp_path) == [got[0].name]
+    assert cache_listing(tmp_path) == [got[0].name]
 
 
 def test_a_task_without_a_demo_source_names_model_path() -> None:

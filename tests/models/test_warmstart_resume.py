@@ -14,7 +14,7 @@ import spear.models.warmstart as ws
 from spear.config import load_config
 from spear.interrupts import Interrupted
 from spear.models.warmstart import WarmStartParams, ensure_warm_model
-from tests.models.test_warmstart import SMALL
+from tests.models.test_warmstart import SMALL, cache_listing
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(
     monkeypatch.setattr(ws, "train_warm_start", interrupted)
     with pytest.raises(Interrupted, match="resumes it at step 4"):
         ensure_warm_model(tmp_path / "b", params, seed=0)
-    assert [p.name for p in (tmp_path / "b").iterdir()] == [
+    assert cache_listing(tmp_path / "b") == [
         f".resume-warm-{params.cache_key(0)}.pt"
     ]  # no half-built model, only the snapshot
     monkeypatch.setattr(ws, "train_warm_start", real)
@@ -59,7 +59,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(
     got = _weights(resumed)
     assert got.keys() == reference.keys()
     assert all(torch.equal(got[k], reference[k]) for k in reference)
-    assert [p.name for p in (tmp_path / "b").iterdir()] == [resumed.name]  # snapshot removed
+    assert cache_listing(tmp_path / "b") == [resumed.name]  # snapshot removed
 
 
 def test_an_interrupt_before_any_snapshot_says_nothing_was_kept(
@@ -71,7 +71,7 @@ def test_an_interrupt_before_any_snapshot_says_nothing_was_kept(
     monkeypatch.setattr(ws, "train_warm_start", stop)
     with pytest.raises(Interrupted, match="not cached yet"):
         ensure_warm_model(tmp_path, params, seed=0)
-    assert list(tmp_path.iterdir()) == []
+    assert cache_listing(tmp_path) == []
 
 
 def test_a_snapshot_of_other_demonstrations_is_ignored(
