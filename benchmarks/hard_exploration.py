@@ -10,6 +10,8 @@ what a user gets from the CLI:
     nice -n 10 python benchmarks/hard_exploration.py ablations
     # grpo, drbot, spear on lookup-sparse (0.4% early success), the main sweep's choices, 5 seeds
     nice -n 10 python benchmarks/hard_exploration.py sparse
+    # lookup-sparse with half the rollouts a step (4 tasks x 8): its own sweep, then 5 seeds
+    nice -n 10 python benchmarks/hard_exploration.py small-batch
 
 Equal tuning: grpo, drbot and spear each get the same sweep of ``optim.lr`` (``LRS``) on the
 sweep seeds, evaluated greedily on the **validation** split (items disjoint from the held-out
@@ -18,9 +20,12 @@ held-out ``test`` split. The ablations reuse SPEAR's chosen value (they are not 
 ask what removing one piece does to the tuned recipe). The ``sparse`` part runs the main
 methods on ``lookup-sparse`` (the same task from a warm start whose early successes are rarer)
 with the learning rates the main sweep chose on validation, carried over for every method alike.
+The ``small-batch`` part is ``lookup-sparse`` with 4 tasks a step instead of 8 (about one
+success in eight steps at the start), where a GRPO step most often has no gradient at all and
+replaying a past success is what the paper says helps; it runs its own sweep.
 Results go to ``benchmarks/results/hard_exploration/`` (``summary.json``, ``summary.md``,
-``curves.png``; the ablations in ``ablations/``, the sparse variant in ``sparse/``). Kill it any
-time: running the same command again resumes.
+``curves.png``; the ablations in ``ablations/``, the sparse variant in ``sparse/``, the smaller
+batch in ``small_batch/``). Kill it any time: running the same command again resumes.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("part", choices=["main", "ablations", "sparse"])
+    ap.add_argument("part", choices=["main", "ablations", "sparse", "small-batch"])
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (1 thread each)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -79,6 +84,17 @@ def main() -> None:
             seeds=SEEDS,
             out=args.out / "ablations",
             overrides=(*SHARED, f"optim.lr={chosen}"),
+            jobs=args.jobs,
+        )
+    elif args.part == "small-batch":
+        spec = CompareSpec(
+            base="lookup-sparse",
+            methods=MAIN,
+            seeds=SEEDS,
+            out=args.out / "small_batch",
+            overrides=(*SHARED, "rollout.tasks_per_step=4"),
+            sweep={"optim.lr": LRS},
+            sweep_seeds=SWEEP_SEEDS,
             jobs=args.jobs,
         )
     else:

@@ -76,6 +76,16 @@ def bootstrap_diff_ci(
     return float(lo), float(hi)
 
 
+def bootstrap_paired_ci(
+    a: Sequence[float], b: Sequence[float], *, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(a - b)`` over pairs ``(a[i], b[i])`` resampled
+    together. Runs of one seed share their held-out problems, warm model and first rollouts, so
+    pairing by seed cancels the spread between seeds that both methods see."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # [n]
+    return bootstrap_ci(d.tolist(), level=level, seed=seed)
+
+
 def band(per_seed: Sequence[dict[int, float]]) -> dict[str, list[float]]:
     """Mean and min-max over seeds at every step some seed has: ``{step, mean, min, max}``."""
     steps = sorted({s for series in per_seed for s in series})
@@ -167,20 +177,34 @@ def write_report(
 
 
 def _gaps(methods: dict[str, Any]) -> dict[str, Any]:
-    """``spear`` minus each other method: mean difference of final success and its 95% CI."""
+    """``spear`` minus each other method: mean difference of final success and its 95% CI, and,
+    over the seeds both ran, the paired difference (``paired``: mean, CI, seeds)."""
     if "spear" not in methods:
         return {}
-    ref = [v for v in methods["spear"]["final_heldout"] if _finite(v)]
+    spear = methods["spear"]
+    ref = [v for v in spear["final_heldout"] if _finite(v)]
     out: dict[str, Any] = {}
     for name, m in methods.items():
         other = [v for v in m["final_heldout"] if _finite(v)]
         if name == "spear" or not other or not ref:
             continue
         lo, hi = bootstrap_diff_ci(ref, other)
-        out[f"spear-{name}"] = {
+        gap: dict[str, Any] = {
             "mean": statistics.fmean(ref) - statistics.fmean(other),
             "ci95": [lo, hi],
         }
+        theirs = dict(zip(m["seeds"], m["final_heldout"]))
+        pairs = [
+            (v, theirs[s])
+            for s, v in zip(spear["seeds"], spear["final_heldout"])
+            if s in theirs and _finite(v) and _finite(theirs[s])
+        ]
+        if len(pairs) >= 2:
+            a, b = zip(*pairs)
+            plo, phi = bootstrap_paired_ci(a, b)
+            mean = statistics.fmean(x - y for x, y in pairs)
+            gap["paired"] = {"mean": mean, "ci95": [plo, phi], "seeds": len(pairs)}
+        out[f"spear-{name}"] = gap
     return out
 
 
@@ -204,10 +228,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"{statistics.fmean(m['replayed_rows_per_step']):.2f} |"
         )
     if summary["gaps"]:
-        lines += ["", "| gap | mean (points) | 95% CI |", "|---|---|---|"]
+        lines += [
+            "",
+            "| gap | mean (points) | 95% CI | paired by seed: mean | paired 95% CI |",
+            "|---|---|---|---|---|",
+        ]
         for name, g in summary["gaps"].items():
+            p = g.get("paired") or {"mean": math.nan, "ci95": [math.nan, math.nan]}
             lines.append(
-                f"| {name} | {_pct(g['mean'])} | [{_pct(g['ci95'][0])}, {_pct(g['ci95'][1])}] |"
+                f"| {name} | {_pct(g['mean'])} | [{_pct(g['ci95'][0])}, {_pct(g['ci95'][1])}] | "
+                f"{_pct(p['mean'])} | [{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}] |"
             )
     sweep = summary["sweep"]
     if sweep["validation_final"]:

@@ -18,7 +18,14 @@ from spear.compare import (
     run_comparison,
     run_plan,
 )
-from spear.compare_report import band, bootstrap_ci, bootstrap_diff_ci, summary_markdown
+from spear.compare_report import (
+    _gaps,
+    band,
+    bootstrap_ci,
+    bootstrap_diff_ci,
+    bootstrap_paired_ci,
+    summary_markdown,
+)
 from spear.config import ConfigError
 from spear.trainer import Trainer
 from tests.test_trainer import TINY
@@ -169,6 +176,28 @@ def test_bootstrap_interval_by_hand() -> None:
     assert 0.1 < lo < 0.3 < hi < 0.5
     assert bootstrap_diff_ci([0.6, 0.6], [0.2, 0.2]) == pytest.approx((0.4, 0.4))
     assert all(math.isnan(x) for x in bootstrap_ci([]))
+    # paired: every seed differs by exactly 0.1, so every resample's mean difference is 0.1,
+    # although each method's own values spread over 0.4 (unpaired, the interval is wide)
+    a, b = [0.5, 0.9, 0.7], [0.4, 0.8, 0.6]
+    assert bootstrap_paired_ci(a, b) == pytest.approx((0.1, 0.1))
+    lo, hi = bootstrap_diff_ci(a, b)
+    assert lo < 0.0 < 0.2 < hi
+
+
+def test_gaps_pair_runs_by_seed() -> None:
+    nan = float("nan")
+    methods = {
+        "spear": {"seeds": [0, 1, 2, 3], "final_heldout": [0.7, 0.6, 0.8, nan]},
+        "grpo": {"seeds": [2, 0, 1, 3], "final_heldout": [0.7, 0.6, 0.5, 0.9]},  # other order
+        "drbot": {"seeds": [0, 9], "final_heldout": [0.1, 0.2]},  # one seed in common
+    }
+    gaps = _gaps(methods)
+    g = gaps["spear-grpo"]
+    assert g["mean"] == pytest.approx(0.7 - 0.675)  # unpaired: spear's NaN seed dropped
+    # paired over seeds 0, 1, 2 (seed 3 is NaN for spear): 0.7-0.6, 0.6-0.5, 0.8-0.7
+    assert g["paired"]["mean"] == pytest.approx(0.1) and g["paired"]["seeds"] == 3
+    assert g["paired"]["ci95"] == pytest.approx([0.1, 0.1])
+    assert "paired" not in gaps["spear-drbot"]  # a single pair has no interval
 
 
 def test_band_by_hand() -> None:

@@ -1,0 +1,129 @@
+"""Where a lookup policy fails: greedy episodes sorted by the first link of the chain they break.
+
+Plays ``--tasks`` greedy episodes of a split (default: the held-out ``test`` split) with the
+warm model of a run config, or with a trained checkpoint, through the trainer's own rollout path,
+and sorts each into the first step of the chain it gets wrong:
+
+1. ``no lookup of the asked item``: no ``lookup`` call, or a lookup of another item;
+2. ``no calculator call`` after the right lookup;
+3. ``calculator without the price``: the expression does not contain the looked-up price;
+4. ``price, wrong expression``: the price is there, but the expression is not ``q*price``
+   (another operation or another quantity);
+5. ``right product, wrong answer``: the calculator computed ``q*price`` but the boxed answer
+   differs;
+6. ``success``.
+
+    python benchmarks/lookup_failures.py --checkpoint runs/lookup/checkpoints/latest \\
+        --out benchmarks/results/hard_exploration/failures_trained.json
+    python benchmarks/lookup_failures.py --out benchmarks/results/hard_exploration/failures_warm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from spear.backends import RolloutRequest
+from spear.config import load_config, run_config_path
+from spear.envs.base import Task
+from spear.evaluate import resolve_checkpoint
+from spear.trainer import Trainer, stage_generator
+from spear.types import Episode
+
+STAGES = (
+    "no lookup of the asked item",
+    "no calculator call",
+    "calculator without the price",
+    "price, wrong expression",
+    "right product, wrong answer",
+    "success",
+)
+_CALL = re.compile(r'"name": "(\w+)", "arguments": \{"(\w+)": "([^"]*)"\}')
+
+
+def classify(task: Task, transcript: str, success: bool) -> str:
+    """The first link of the lookup chain that ``transcript`` (the episode's decoded context,
+    from the user's problem on) breaks; ``success`` if none."""
+    if success:
+        return STAGES[5]
+    item, q, price = task.meta["item"], task.meta["quantity"], task.meta["price"]
+    calls = _CALL.findall(transcript)
+    looked = [i for i, (name, _k, arg) in enumerate(calls) if name == "lookup" and arg == item]
+    if not looked:
+        return STAGES[0]
+    after = [arg for name, _k, arg in calls[looked[0] + 1 :] if name == "calculator"]
+    if not after:
+        return STAGES[1]
+    expr = after[0].replace(" ", "")
+    if str(price) not in re.findall(r"\d+", expr):
+        return STAGES[2]
+    if expr not in (f"{q}*{price}", f"{price}*{q}"):
+        return STAGES[3]
+    return STAGES[4]
+
+
+def play(cfg_name: str, checkpoint: Path | None, split: str, n: int, seed: int) -> list[str]:
+    """The stage of each of ``n`` greedy episodes on ``split``."""
+    overrides = ["logging.tensorboard=false", "logging.progress=false", f"eval.split={split}"]
+    if checkpoint is not None:
+        ckpt = resolve_checkpoint(checkpoint)
+        overrides += [f"model.path={ckpt / 'model'}", "model.lora.enabled=false"]
+        cfg = load_config(file=ckpt.parent.parent / "config.yaml", overrides=overrides)
+    else:
+        cfg = load_config(file=run_config_path(cfg_name), overrides=overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), resume=False)
+        tasks = trainer.c.source.tasks(split, n, seed=seed)
+        request = RolloutRequest(
+            tasks,
+            group_size=1,
+            params=trainer.c.eval_loop_params,
+            step=0,
+            first_group_id=0,
+            first_episode_id=0,
+        )
+        episodes: list[Episode] = trainer.backend.rollout(request, stage_generator(seed, 0, 7))
+        decode = trainer.c.policy.tokenizer.decode
+        by_id = {t.task_id: t for t in tasks}
+        stages = []
+        for e in episodes:
+            text = decode(e.samples[-1].input_ids.tolist()) if e.samples else ""
+            text = text.split("<|im_start|>user", 1)[-1]
+            stages.append(classify(by_id[e.task_id], text, e.success))
+        trainer.close()
+    return stages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config", default="lookup", help="run config of the warm model")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--tasks", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    stages = play(args.config, args.checkpoint, args.split, args.tasks, args.seed)
+    counts = Counter(stages)
+    record = {
+        "config": args.config if args.checkpoint is None else None,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "split": args.split,
+        "episodes": len(stages),
+        "stages": {s: counts.get(s, 0) for s in STAGES},
+    }
+    text = json.dumps(record, indent=1)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
