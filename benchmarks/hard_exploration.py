@@ -12,6 +12,8 @@ what a user gets from the CLI:
     nice -n 10 python benchmarks/hard_exploration.py sparse
     # lookup-sparse with half the rollouts a step (4 tasks x 8): its own sweep, then 5 seeds
     nice -n 10 python benchmarks/hard_exploration.py small-batch
+    # a probe, not a tuned method: SPEAR on lookup-sparse with the SIL weight at 1 from step 0
+    nice -n 10 python benchmarks/hard_exploration.py sil-from-start
 
 Equal tuning: grpo, drbot and spear each get the same sweep of ``optim.lr`` (``LRS``) on the
 sweep seeds, evaluated greedily on the **validation** split (items disjoint from the held-out
@@ -25,7 +27,12 @@ success in eight steps at the start), where a GRPO step most often has no gradie
 replaying a past success is what the paper says helps; it runs its own sweep.
 Results go to ``benchmarks/results/hard_exploration/`` (``summary.json``, ``summary.md``,
 ``curves.png``; the ablations in ``ablations/``, the sparse variant in ``sparse/``, the smaller
-batch in ``small_batch/``). Kill it any time: running the same command again resumes.
+batch in ``small_batch/``). ``sil-from-start`` asks whether the SIL weight's cosine fade-in is
+what keeps self-imitation out of the short exploration phase: SPEAR as in ``sparse`` and
+``small-batch`` (same learning rate) but with ``replay.loss_coef=1.0`` from the first step, in
+``sil_from_start/{sparse,small_batch}/``. It is a diagnostic: the baselines have no such knob,
+so it is not entered in the comparison. Kill it any time: running the same command again
+resumes.
 """
 
 from __future__ import annotations
@@ -46,11 +53,40 @@ LRS = ("5e-5", "1e-4", "2e-4")
 SHARED = ("logging.tensorboard=false",)
 
 
+def specs(part: str, out: Path, jobs: int) -> list[CompareSpec]:
+    """The comparisons one part of the benchmark runs, in order."""
+    swept = {"sweep": {"optim.lr": LRS}, "sweep_seeds": SWEEP_SEEDS, "jobs": jobs}
+    if part == "main":
+        return [CompareSpec("lookup", MAIN, SEEDS, out, overrides=SHARED, **swept)]
+    if part == "small-batch":
+        small = (*SHARED, "rollout.tasks_per_step=4")
+        return [CompareSpec("lookup-sparse", MAIN, SEEDS, out / "small_batch", small, **swept)]
+    main_summary = json.loads((out / "summary.json").read_text())
+    if part == "ablations":
+        lr = f"optim.lr={main_summary['sweep']['chosen']['spear']}"
+        return [
+            CompareSpec("lookup", ABLATIONS, SEEDS, out / "ablations", (*SHARED, lr), jobs=jobs)
+        ]
+    if part == "sparse":
+        chosen = main_summary["sweep"]["chosen"]  # carried over: no sweep runs
+        d = out / "sparse"
+        lrs = {"optim.lr": LRS}
+        return [CompareSpec("lookup-sparse", MAIN, SEEDS, d, SHARED, lrs, chosen=chosen, jobs=jobs)]
+    runs = []
+    for name, extra in (("sparse", ()), ("small_batch", ("rollout.tasks_per_step=4",))):
+        lr = json.loads((out / name / "summary.json").read_text())["methods"]["spear"]["lr"]
+        overrides = (*SHARED, *extra, f"optim.lr={lr}", "replay.loss_coef=1.0")
+        d = out / "sil_from_start" / name
+        runs.append(CompareSpec("lookup-sparse", ("spear",), SEEDS, d, overrides, jobs=jobs))
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("part", choices=["main", "ablations", "sparse", "small-batch"])
+    parts = ["main", "ablations", "sparse", "small-batch", "sil-from-start"]
+    ap.add_argument("part", choices=parts)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (1 thread each)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -65,50 +101,8 @@ def main() -> None:
             final_success(record), record.get("wall_s") or 0.0,
         )  # fmt: skip
 
-    if args.part == "main":
-        spec = CompareSpec(
-            base="lookup",
-            methods=MAIN,
-            seeds=SEEDS,
-            out=args.out,
-            overrides=SHARED,
-            sweep={"optim.lr": LRS},
-            sweep_seeds=SWEEP_SEEDS,
-            jobs=args.jobs,
-        )
-    elif args.part == "ablations":
-        chosen = json.loads((args.out / "summary.json").read_text())["sweep"]["chosen"]["spear"]
-        spec = CompareSpec(
-            base="lookup",
-            methods=ABLATIONS,
-            seeds=SEEDS,
-            out=args.out / "ablations",
-            overrides=(*SHARED, f"optim.lr={chosen}"),
-            jobs=args.jobs,
-        )
-    elif args.part == "small-batch":
-        spec = CompareSpec(
-            base="lookup-sparse",
-            methods=MAIN,
-            seeds=SEEDS,
-            out=args.out / "small_batch",
-            overrides=(*SHARED, "rollout.tasks_per_step=4"),
-            sweep={"optim.lr": LRS},
-            sweep_seeds=SWEEP_SEEDS,
-            jobs=args.jobs,
-        )
-    else:
-        spec = CompareSpec(
-            base="lookup-sparse",
-            methods=MAIN,
-            seeds=SEEDS,
-            out=args.out / "sparse",
-            overrides=SHARED,
-            sweep={"optim.lr": LRS},
-            jobs=args.jobs,
-            chosen=json.loads((args.out / "summary.json").read_text())["sweep"]["chosen"],
-        )
-    run_comparison(spec, report)
+    for spec in specs(args.part, args.out, args.jobs):
+        run_comparison(spec, report)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ Plays ``--tasks`` greedy episodes of a split (default: the held-out ``test`` spl
 warm model of a run config, or with a trained checkpoint, through the trainer's own rollout path,
 and sorts each into the first step of the chain it gets wrong:
 
-1. ``no lookup of the asked item``: no ``lookup`` call, or a lookup of another item;
-2. ``no calculator call`` after the right lookup;
-3. ``calculator without the price``: the expression does not contain the looked-up price;
-4. ``price, wrong expression``: the price is there, but the expression is not ``q*price``
+1. ``no lookup``: no ``lookup`` call at all;
+2. ``lookup of another item``: every lookup names an item other than the problem's (a copying
+   error: the item number is in the prompt);
+3. ``no calculator call`` after the right lookup;
+4. ``calculator without the price``: the expression does not contain the looked-up price;
+5. ``price, wrong expression``: the price is there, but the expression is not ``q*price``
    (another operation or another quantity);
-5. ``right product, wrong answer``: the calculator computed ``q*price`` but the boxed answer
+6. ``right product, wrong answer``: the calculator computed ``q*price`` but the boxed answer
    differs;
-6. ``success``.
+7. ``success``.
 
     python benchmarks/lookup_failures.py --checkpoint runs/lookup/checkpoints/latest \\
         --out benchmarks/results/hard_exploration/failures_trained.json
@@ -35,7 +37,8 @@ from spear.trainer import Trainer, stage_generator
 from spear.types import Episode
 
 STAGES = (
-    "no lookup of the asked item",
+    "no lookup",
+    "lookup of another item",
     "no calculator call",
     "calculator without the price",
     "price, wrong expression",
@@ -49,21 +52,21 @@ def classify(task: Task, transcript: str, success: bool) -> str:
     """The first link of the lookup chain that ``transcript`` (the episode's decoded context,
     from the user's problem on) breaks; ``success`` if none."""
     if success:
-        return STAGES[5]
+        return STAGES[-1]
     item, q, price = task.meta["item"], task.meta["quantity"], task.meta["price"]
     calls = _CALL.findall(transcript)
     looked = [i for i, (name, _k, arg) in enumerate(calls) if name == "lookup" and arg == item]
     if not looked:
-        return STAGES[0]
+        return STAGES[1] if any(name == "lookup" for name, _k, _a in calls) else STAGES[0]
     after = [arg for name, _k, arg in calls[looked[0] + 1 :] if name == "calculator"]
     if not after:
-        return STAGES[1]
+        return STAGES[2]
     expr = after[0].replace(" ", "")
     if str(price) not in re.findall(r"\d+", expr):
-        return STAGES[2]
-    if expr not in (f"{q}*{price}", f"{price}*{q}"):
         return STAGES[3]
-    return STAGES[4]
+    if expr not in (f"{q}*{price}", f"{price}*{q}"):
+        return STAGES[4]
+    return STAGES[5]
 
 
 def play(cfg_name: str, checkpoint: Path | None, split: str, n: int, seed: int) -> list[str]:

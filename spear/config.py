@@ -608,8 +608,10 @@ def load_config(
         layers.append((f"config file {file}", _read_yaml(Path(file), "config file")))
     for o in overrides:
         layers.append((f"override {o!r}", parse_override(o)))
+    # the last layer naming a preset wins, as for any key: `preset=grpo` on a file that says
+    # `preset: spear` trains grpo (an explicit ``preset`` argument, `--preset`, wins over both)
     preset = preset or next(
-        (d["preset"] for _, d in layers if isinstance(d.get("preset"), str)), None
+        (d["preset"] for _, d in reversed(layers) if isinstance(d.get("preset"), str)), None
     )
     if preset is not None:
         if preset not in preset_names():

@@ -28,6 +28,17 @@ def test_every_preset_validates(name):
     assert cfg.preset == name
 
 
+def test_a_preset_override_wins_over_the_files_preset(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: spear\noptim: {lr: 3.0e-4}\n")
+    cfg = load_config(file=f, overrides=["preset=grpo"])
+    assert cfg.preset == "grpo" and cfg.replay.enabled is False  # grpo's layer, not spear's
+    assert cfg.optim.lr == 3.0e-4  # the file still applies on top of the preset
+    assert load_config(file=f).preset == "spear"
+    # the explicit argument (`spear train --preset`) wins over both
+    assert load_config(preset="drbot", file=f, overrides=["preset=grpo"]).preset == "drbot"
+
+
 def test_spear_preset_matches_reference_agent_scripts():
     # spec §7.3 / §8.5: Dr.BoT tricks + Clip-Cov + SIL + cosine tool bonus.
     cfg = load_config(preset="spear")

@@ -35,8 +35,9 @@ def _calc(expr: str) -> str:
 @pytest.mark.parametrize(
     ("actions", "stage"),
     [
-        ((boxed(str(Q)),), "no lookup of the asked item"),
-        ((_lookup("part 100" if ITEM != "part 100" else "part 101"), boxed("1")), lf.STAGES[0]),
+        ((boxed(str(Q)),), "no lookup"),
+        ((_calc(f"{Q}*{PRICE}"), boxed("1")), "no lookup"),
+        ((_lookup("part 100" if ITEM != "part 100" else "part 101"), boxed("1")), lf.STAGES[1]),
         ((_lookup(ITEM), boxed(str(PRICE))), "no calculator call"),
         ((_calc(f"{Q}*{PRICE}"), _lookup(ITEM), boxed("1")), "no calculator call"),  # order
         ((_lookup(ITEM), _calc(f"{Q}*17"), boxed("1")), "calculator without the price"),
