@@ -81,11 +81,13 @@ def _open_run(args: argparse.Namespace) -> tuple[Path, Config] | int:
         cfg = load_config(file=run_dir / "config.yaml", overrides=[*earlier, *args.overrides])
         done = _completed_step(run_dir, cfg.trainer.steps)
         if done is not None:  # nothing to train: say so, show the result, write nothing
+            from spear.display import progress_style
+
             console.print(
                 f"run {run_dir} is complete (step {done}, trainer.steps={cfg.trainer.steps}); "
                 "nothing to train"
             )
-            _print_result(run_dir, plot=False)
+            _print_result(run_dir, progress_style(cfg.task.name).result, plot=False)
             return 0
         return run_dir, cfg
     if args.config and not run_config_path(args.config).exists():
@@ -167,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 130
     trainer.close()
     try:
-        _print_result(run_dir, plot=True)
+        _print_result(run_dir, progress_style(cfg.task.name).result, plot=True)
     except KeyboardInterrupt:  # training is over and saved: nothing is lost
         console.print(
             f"[yellow]interrupted[/] while plotting; the run is complete and saved "
@@ -188,9 +190,9 @@ def _completed_step(run_dir: Path, steps: int) -> int | None:
     return progress.step if progress.step >= steps and not progress.row_pending else None
 
 
-def _print_result(run_dir: Path, *, plot: bool) -> None:
-    """Held-out success before -> after (the first and last evaluation rows), and where the
-    run's files are; ``plot`` also (re)writes the curves."""
+def _print_result(run_dir: Path, label: str, *, plot: bool) -> None:
+    """``label`` (held-out success, or a text game's win rate) before -> after (the first and
+    last evaluation rows), and where the run's files are; ``plot`` also (re)writes the curves."""
     from spear.metrics import read_metrics
     from spear.plot import plot_run
 
@@ -200,7 +202,7 @@ def _print_result(run_dir: Path, *, plot: bool) -> None:
     if len(evals) >= 2:
         before, after = evals[0], evals[-1]
         console.print(
-            f"held-out success: [bold]{before:.1%}[/] -> [bold green]{after:.1%}[/] ({(after - before) * 100:+.1f} points)"
+            f"{label}: [bold]{before:.1%}[/] -> [bold green]{after:.1%}[/] ({(after - before) * 100:+.1f} points)"
         )
     console.print(f"run directory: {run_dir}\nplots: {plots}\nmetrics: {run_dir / 'metrics.jsonl'}")
 

@@ -52,7 +52,8 @@ class ProgressStyle:
     """The fields of a task family's step line and the name of its held-out metric."""
 
     fields: tuple[ProgressField, ...]
-    heldout: str  # label of eval/success
+    heldout: str  # label of eval/success on the step line
+    result: str = "held-out success"  # label of eval/success, before -> after, when a run ends
 
 
 _REWARD = ProgressField("reward", ("reward/score", "train/outcome_reward"))
@@ -81,6 +82,7 @@ GAME_STYLE = ProgressStyle(
         _REPLAY,
     ),
     heldout="held-out wins",
+    result="held-out win rate",
 )
 
 #: task name -> its step line; a task without an entry is a tool task (:data:`TOOL_TASK_STYLE`)

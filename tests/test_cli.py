@@ -6,6 +6,7 @@ None of these tests trains or builds a model: the cases that get as far as the t
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,17 @@ def test_plot_of_a_missing_dir(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     rc, out = run(capsys, "plot", str(tmp_path / "missing"))
     assert rc == 2
     assert "metrics.jsonl" in error_line(out)
+
+
+@pytest.mark.parametrize(
+    ("task", "label"), [("arithmetic", "held-out success"), ("textworld", "held-out win rate")]
+)
+def test_the_result_line_speaks_the_tasks_language(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task: str, label: str
+) -> None:
+    from spear.display import progress_style
+
+    rows = [{"step": 0, "eval/success": 0.125}, {"step": 10, "eval/success": 0.375}]
+    (tmp_path / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+    cli._print_result(tmp_path, progress_style(task).result, plot=False)
+    assert f"{label}: 12.5% -> 37.5% (+25.0 points)" in capsys.readouterr().out

@@ -281,7 +281,8 @@ class GameCache:
         self, seeds: Sequence[int], workers: int, progress: bool
     ) -> dict[int, GenerationResult]:
         settings = self.spec.settings_dict()
-        label = f"generating {len(seeds)} {self.spec.challenge} games"
+        n = len(seeds)
+        label = f"generating {n} {self.spec.challenge} game{'' if n == 1 else 's'}"
         out: dict[int, GenerationResult] = {}
         with _progress(label, len(seeds), progress) as advance:
             if workers == 1 or len(seeds) == 1:
