@@ -121,7 +121,9 @@ def pool_throughput(
 def main() -> None:
     torch.set_num_threads(1)
     a = _args()
-    params = TextWorldParams(history_length=2, max_steps=a.max_steps, invalid_action_penalty=0.1)
+    params = TextWorldParams(
+        history_length=2, max_steps=a.max_steps, invalid_action_penalty=0.1, numbered_actions=False
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(a.cache_dir) if a.cache_dir else Path(tmp)
         source = TextWorldTasks(

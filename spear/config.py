@@ -113,6 +113,8 @@ class TaskConfig(_Section):
     textworld_train_games: int = Field(2000, ge=1)
     textworld_gen_workers: int = Field(2, ge=1)  # processes generating games
     invalid_action_penalty: float = Field(0.1, ge=0)  # textworld: inadmissible action
+    # textworld: number the admissible actions in the prompt; an answer may be a number
+    textworld_numbered_actions: bool = False
 
     @field_validator("name")
     @classmethod

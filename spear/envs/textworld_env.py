@@ -99,6 +99,9 @@ class TextWorldParams:
     history_length: int  # observation/action pairs shown in the prompt (reference: 2)
     max_steps: int  # actions (valid or not) before an unfinished episode is truncated
     invalid_action_penalty: float  # >= 0, charged for a missing or inadmissible action
+    # the prompt numbers the admissible commands and an answer may be a number: <action>3</action>
+    # plays the third (an admissible command's text is still accepted)
+    numbered_actions: bool
 
     def __post_init__(self) -> None:
         if self.history_length < 0:
@@ -156,11 +159,13 @@ def build_turn_prompt(
     admissible: Sequence[str],
     history: Sequence[tuple[str, str]],
     history_length: int,
+    numbered: bool = False,
 ) -> str:
     """The user message of one turn (pure).
 
     ``history`` holds every (observation, action) pair of the episode so far, oldest first; only
-    the last ``history_length`` are shown, numbered by their step in the episode.
+    the last ``history_length`` are shown, numbered by their step in the episode. ``numbered``
+    lists the admissible actions as ``1. go north`` and asks for a number.
     """
     steps = len(history)
     lines = [
@@ -175,12 +180,23 @@ def build_turn_prompt(
         for i, (obs, act) in enumerate(shown, start=steps - len(shown) + 1):
             lines += [f"Observation {i}: {obs}", f"Action {i}: {act}"]
     lines += [f"Current observation (step {steps + 1}):", observation, "Admissible actions:"]
-    lines += [f"- {a}" for a in admissible]
-    lines.append(
-        "Reply with exactly one admissible action inside <action></action>. "
-        "You may reason briefly inside <think></think> before it."
-    )
+    if numbered:
+        lines += [f"{i}. {a}" for i, a in enumerate(admissible, start=1)]
+        ask = "Reply with the number of one admissible action inside <action></action>. "
+    else:
+        lines += [f"- {a}" for a in admissible]
+        ask = "Reply with exactly one admissible action inside <action></action>. "
+    lines.append(ask + "You may reason briefly inside <think></think> before it.")
     return "\n".join(lines)
+
+
+def resolve_action(action: str | None, admissible: Sequence[str], numbered: bool) -> str | None:
+    """The command an answer names (pure): with ``numbered``, ``"k"`` for ``1 <= k <=
+    len(admissible)`` is the k-th admissible command; anything else is returned unchanged (an
+    admissible command's text, or an answer the env will refuse)."""
+    if numbered and action is not None and action.isdigit() and 1 <= int(action) <= len(admissible):
+        return admissible[int(action) - 1]
+    return action
 
 
 def invalid_action_feedback(action: str | None, observation: str) -> str:
@@ -262,7 +278,9 @@ class TextWorldEnv:
     def step(self, action_text: str) -> StepResult:
         if self._done or self._game is None:
             raise RuntimeError("TextWorldEnv.step called without a running episode; call reset()")
-        action = parse_action(action_text)
+        action = resolve_action(
+            parse_action(action_text), self._admissible(), self.params.numbered_actions
+        )
         self._steps += 1
         seen = self._observation
         valid = action is not None and action in self._admissible()
@@ -316,6 +334,7 @@ class TextWorldEnv:
             admissible=self._admissible(),
             history=self._history,
             history_length=self.params.history_length,
+            numbered=self.params.numbered_actions,
         )
         return [{"role": "user", "content": prompt}]
 
@@ -403,6 +422,7 @@ class TextWorldTasks:
                 history_length=ro.history_length,
                 max_steps=ro.max_turns,
                 invalid_action_penalty=t.invalid_action_penalty,
+                numbered_actions=t.textworld_numbered_actions,
             ),
             num_train_games=t.textworld_train_games,
             gen_workers=t.textworld_gen_workers,
@@ -503,7 +523,8 @@ def _demonstrate(env: TextWorldEnv, task: Task, rate: float, rng: random.Random)
         if action is None:
             break
         on_track = on_track and action == planned
-        target = f"<action>{action}</action>"
+        answer = str(admissible.index(action) + 1) if env.params.numbered_actions else action
+        target = f"<action>{answer}</action>"
         turns.append(DemoTurn(messages=messages, target=target, expert=expert))
         result = env.step(target)
         messages, info = result.messages, result.info

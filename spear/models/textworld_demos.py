@@ -84,6 +84,7 @@ class TextWorldDemoParams:
                 history_length=ro.history_length,
                 max_steps=ro.max_turns,
                 invalid_action_penalty=t.invalid_action_penalty,
+                numbered_actions=t.textworld_numbered_actions,
             ),
             num_train_games=t.textworld_train_games,
             layout=ro.layout,

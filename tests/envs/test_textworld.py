@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ from spear.envs.textworld_env import (
     extract_objective,
     invalid_action_feedback,
     parse_action,
+    resolve_action,
     walkthrough_demonstrations,
 )
 from spear.envs.textworld_games import (
@@ -40,7 +43,9 @@ from spear.envs.textworld_games import (
 )
 from spear.registry import UnknownNameError
 
-PARAMS = TextWorldParams(history_length=2, max_steps=20, invalid_action_penalty=0.1)
+PARAMS = TextWorldParams(
+    history_length=2, max_steps=20, invalid_action_penalty=0.1, numbered_actions=False
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions
@@ -108,6 +113,35 @@ def test_build_turn_prompt_first_turn() -> None:
     )
 
 
+def test_build_turn_prompt_numbered_lists_numbers_and_asks_for_one() -> None:
+    text = build_turn_prompt(
+        objective="Take the coin.",
+        observation="-= Hall =-",
+        admissible=["go east", "look"],
+        history=[],
+        history_length=2,
+        numbered=True,
+    )
+    assert text.endswith(
+        "Admissible actions:\n"
+        "1. go east\n"
+        "2. look\n"
+        "Reply with the number of one admissible action inside <action></action>. "
+        "You may reason briefly inside <think></think> before it."
+    )
+
+
+def test_resolve_action_maps_numbers_to_admissible_commands() -> None:
+    cmds = ["go east", "look", "take coin"]
+    assert resolve_action("1", cmds, numbered=True) == "go east"
+    assert resolve_action("3", cmds, numbered=True) == "take coin"
+    for out_of_range in ("0", "4", "12"):
+        assert resolve_action(out_of_range, cmds, numbered=True) == out_of_range  # refused later
+    assert resolve_action("look", cmds, numbered=True) == "look"  # a command's text still works
+    assert resolve_action(None, cmds, numbered=True) is None
+    assert resolve_action("2", cmds, numbered=False) == "2"  # the text format takes no numbers
+
+
 def test_build_turn_prompt_keeps_last_k_pairs_numbered_by_step() -> None:
     history = [("o1", "a1"), ("o2", "a2"), ("o3", "a3")]
     text = build_turn_prompt(
@@ -146,11 +180,17 @@ def test_format_turn_prompt_uses_the_env_observation_as_the_whole_prompt() -> No
 
 def test_params_validation() -> None:
     with pytest.raises(ValueError, match="max_steps"):
-        TextWorldParams(history_length=2, max_steps=0, invalid_action_penalty=0.1)
+        TextWorldParams(
+            history_length=2, max_steps=0, invalid_action_penalty=0.1, numbered_actions=False
+        )
     with pytest.raises(ValueError, match="invalid_action_penalty"):
-        TextWorldParams(history_length=2, max_steps=5, invalid_action_penalty=-1.0)
+        TextWorldParams(
+            history_length=2, max_steps=5, invalid_action_penalty=-1.0, numbered_actions=False
+        )
     with pytest.raises(ValueError, match="history_length"):
-        TextWorldParams(history_length=-1, max_steps=5, invalid_action_penalty=0.0)
+        TextWorldParams(
+            history_length=-1, max_steps=5, invalid_action_penalty=0.0, numbered_actions=False
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +351,28 @@ def test_invalid_action_is_not_executed_and_costs_the_penalty(train_tasks: list[
     env.close()
 
 
+def test_numbered_actions_play_the_walkthrough_by_number(train_tasks: list[Task]) -> None:
+    numbered = dataclasses.replace(PARAMS, numbered_actions=True)
+    demos = walkthrough_demonstrations(train_tasks, numbered, random_action_rate=0.0, seed=0)
+    for demo, task in zip(demos, train_tasks):
+        assert demo.success  # the numbers name the walkthrough's commands
+        assert all(re.fullmatch(r"<action>\d+</action>", t.target) for t in demo.turns)
+        prompt = demo.turns[0].messages[0]["content"]
+        k = int(demo.turns[0].target[len("<action>") : -len("</action>")])
+        assert f"\n{k}. {_walkthrough(task)[0]}\n" in prompt
+    env = TextWorldEnv(numbered)
+    env.reset(train_tasks[0])
+    res = env.step("<action>99</action>")  # no such number: refused like an inadmissible command
+    assert res.info["invalid_action"] is True and res.info["action"] == "99"
+    env.close()
+
+
 def test_max_steps_truncates(train_tasks: list[Task]) -> None:
-    env = TextWorldEnv(TextWorldParams(history_length=1, max_steps=2, invalid_action_penalty=0.0))
+    env = TextWorldEnv(
+        TextWorldParams(
+            history_length=1, max_steps=2, invalid_action_penalty=0.0, numbered_actions=False
+        )
+    )
     env.reset(train_tasks[0])
     first = env.step("<action>look</action>")
     assert not first.truncated and not first.terminated

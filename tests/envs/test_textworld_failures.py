@@ -25,7 +25,9 @@ from spear.rollout.loop import LoopParams, run_episodes
 from spear.stages import episode_metrics
 from spear.types import EndReason
 
-PARAMS = TextWorldParams(history_length=2, max_steps=4, invalid_action_penalty=0.1)
+PARAMS = TextWorldParams(
+    history_length=2, max_steps=4, invalid_action_penalty=0.1, numbered_actions=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,7 @@ from spear.envs.base import Task
 
 files = sys.argv[1:]
 def start(path):
-    env = TextWorldEnv(TextWorldParams(history_length=2, max_steps=4, invalid_action_penalty=0.1))
+    env = TextWorldEnv(TextWorldParams(history_length=2, max_steps=4, invalid_action_penalty=0.1, numbered_actions=False))
     try:
         env.reset(Task("t", "", meta={"game_file": path}))
         return "ok"

@@ -119,7 +119,9 @@ def _demo_params(**change: Any) -> TextWorldDemoParams:
         settings=(("level", 3),),
         level=3,
         textworld_version="1.7.0",
-        env=TextWorldParams(history_length=2, max_steps=12, invalid_action_penalty=0.1),
+        env=TextWorldParams(
+            history_length=2, max_steps=12, invalid_action_penalty=0.1, numbered_actions=False
+        ),
         num_train_games=POOL,
         layout="turn",
         random_action_rate=0.3,
@@ -140,7 +142,9 @@ def test_textworld_cache_key_follows_the_settings_not_the_paths() -> None:
 
     # Where games are cached and how many processes generate them do not change the model.
     assert with_task(game_cache_dir="/elsewhere", gen_workers=7) == key
-    env = TextWorldParams(history_length=2, max_steps=12, invalid_action_penalty=0.1)
+    env = TextWorldParams(
+        history_length=2, max_steps=12, invalid_action_penalty=0.1, numbered_actions=False
+    )
     variants = [
         with_task(challenge="tw-treasure_hunter"),
         with_task(level=4, settings=(("level", 4),)),
@@ -223,7 +227,9 @@ def test_demos_come_from_training_seeds_only(played: Any) -> None:
 
 def test_random_action_rate_is_honoured(played: Any) -> None:
     tasks, _ = played
-    params = TextWorldParams(history_length=2, max_steps=12, invalid_action_penalty=0.1)
+    params = TextWorldParams(
+        history_length=2, max_steps=12, invalid_action_penalty=0.1, numbered_actions=False
+    )
     expert = twd.walkthrough_demonstrations(tasks, params, random_action_rate=0.0, seed=0)
     assert all(d.success and all(t.expert for t in d.turns) for d in expert)
     assert [len(d.turns) for d in expert] == [3, 3, 3]  # the 3-step walkthrough, nothing else
@@ -245,7 +251,9 @@ def test_random_action_rate_is_honoured(played: Any) -> None:
 def test_demo_prompts_are_exactly_the_env_prompts(played: Any) -> None:
     # Replaying a demo's actions in a fresh env reproduces every prompt the demo trains on.
     tasks, demos = played
-    params = TextWorldParams(history_length=2, max_steps=12, invalid_action_penalty=0.1)
+    params = TextWorldParams(
+        history_length=2, max_steps=12, invalid_action_penalty=0.1, numbered_actions=False
+    )
     env = TextWorldEnv(params)
     for task, demo in zip(tasks, demos):
         messages, _ = env.reset(task)
