@@ -92,15 +92,19 @@ def test_extract_objective() -> None:
     assert extract_objective("", "no task here") == ""
 
 
-def test_build_turn_prompt_first_turn() -> None:
-    text = build_turn_prompt(
+def _first_turn_prompt(numbered: bool) -> str:
+    return build_turn_prompt(
         objective="Take the coin.",
         observation="-= Hall =-",
         admissible=["go east", "look"],
         history=[],
         history_length=2,
+        numbered=numbered,
     )
-    assert text == (
+
+
+def test_build_turn_prompt_first_turn() -> None:
+    assert _first_turn_prompt(numbered=False) == (
         "You are playing a text adventure game.\n"
         "Goal: Take the coin.\n"
         "Current observation (step 1):\n"
@@ -114,15 +118,7 @@ def test_build_turn_prompt_first_turn() -> None:
 
 
 def test_build_turn_prompt_numbered_lists_numbers_and_asks_for_one() -> None:
-    text = build_turn_prompt(
-        objective="Take the coin.",
-        observation="-= Hall =-",
-        admissible=["go east", "look"],
-        history=[],
-        history_length=2,
-        numbered=True,
-    )
-    assert text.endswith(
+    assert _first_turn_prompt(numbered=True).endswith(
         "Admissible actions:\n"
         "1. go east\n"
         "2. look\n"
