@@ -51,6 +51,7 @@ SEEDS = (0, 1, 2, 3, 4)
 SWEEP_SEEDS = (100, 101)
 LRS = ("5e-5", "1e-4", "2e-4")
 SHARED = ("logging.tensorboard=false",)
+SMALL_BATCH = ("rollout.tasks_per_step=4",)  # the small-batch variant: half the tasks a step
 
 
 def specs(part: str, out: Path, jobs: int) -> list[CompareSpec]:
@@ -59,21 +60,21 @@ def specs(part: str, out: Path, jobs: int) -> list[CompareSpec]:
     if part == "main":
         return [CompareSpec("lookup", MAIN, SEEDS, out, overrides=SHARED, **swept)]
     if part == "small-batch":
-        small = (*SHARED, "rollout.tasks_per_step=4")
+        small = (*SHARED, *SMALL_BATCH)
         return [CompareSpec("lookup-sparse", MAIN, SEEDS, out / "small_batch", small, **swept)]
-    main_summary = json.loads((out / "summary.json").read_text())
+    if part in ("ablations", "sparse"):  # both use the main sweep's choices
+        chosen = json.loads((out / "summary.json").read_text())["sweep"]["chosen"]
     if part == "ablations":
-        lr = f"optim.lr={main_summary['sweep']['chosen']['spear']}"
+        lr = f"optim.lr={chosen['spear']}"
         return [
             CompareSpec("lookup", ABLATIONS, SEEDS, out / "ablations", (*SHARED, lr), jobs=jobs)
         ]
     if part == "sparse":
-        chosen = main_summary["sweep"]["chosen"]  # carried over: no sweep runs
-        d = out / "sparse"
+        d = out / "sparse"  # the choices carried over: no sweep runs
         lrs = {"optim.lr": LRS}
         return [CompareSpec("lookup-sparse", MAIN, SEEDS, d, SHARED, lrs, chosen=chosen, jobs=jobs)]
     runs = []
-    for name, extra in (("sparse", ()), ("small_batch", ("rollout.tasks_per_step=4",))):
+    for name, extra in (("sparse", ()), ("small_batch", SMALL_BATCH)):
         lr = json.loads((out / name / "summary.json").read_text())["methods"]["spear"]["lr"]
         overrides = (*SHARED, *extra, f"optim.lr={lr}", "replay.loss_coef=1.0")
         d = out / "sil_from_start" / name

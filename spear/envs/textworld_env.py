@@ -278,12 +278,11 @@ class TextWorldEnv:
     def step(self, action_text: str) -> StepResult:
         if self._done or self._game is None:
             raise RuntimeError("TextWorldEnv.step called without a running episode; call reset()")
-        action = resolve_action(
-            parse_action(action_text), self._admissible(), self.params.numbered_actions
-        )
+        admissible = self._admissible()
+        action = resolve_action(parse_action(action_text), admissible, self.params.numbered_actions)
         self._steps += 1
         seen = self._observation
-        valid = action is not None and action in self._admissible()
+        valid = action is not None and action in admissible
         terminated, reward = False, 0.0
         if valid:
             try:
