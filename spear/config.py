@@ -299,7 +299,8 @@ class EvalConfig(_Section):
         return sorted(set(self.pass_at or [1, self.samples]))
 
     # which split the evaluations play: "test" (held out) or, for tasks that have one,
-    # "validation" (for choosing settings without touching the held-out split; lookup has one)
+    # "validation" (for choosing settings without touching the held-out split; lookup and
+    # textworld have one)
     split: Literal["test", "validation"] = "test"
 
 

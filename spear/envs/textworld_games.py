@@ -9,9 +9,10 @@ walkthrough). A game is published by two atomic renames (json first, z8 last), s
 generators of the same seed never see a half-written game.
 
 Splits are defined by seeds, not by committed files: held-out seeds are
-``range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + HELD_OUT_SIZE)`` and training seeds are
-``range(0, num_train_games)`` with ``num_train_games <= HELD_OUT_SEED_START``, so the two never
-overlap whatever the caller asks for.
+``range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + HELD_OUT_SIZE)``, validation seeds (for choosing
+settings without touching the held-out games) the next ``VALIDATION_SIZE``, and training seeds
+are ``range(0, num_train_games)`` with ``num_train_games <= HELD_OUT_SEED_START``, so the three
+never overlap whatever the caller asks for.
 
 TextWorld itself is an optional extra, imported lazily (:func:`require_textworld`).
 """
@@ -43,6 +44,8 @@ INSTALL_HINT = "TextWorld is not installed: run pip install 'spear[textworld]'"
 
 HELD_OUT_SEED_START = 1_000_000  # first held-out seed; training seeds are all below it
 HELD_OUT_SIZE = 1_000  # held-out seeds: HELD_OUT_SEED_START .. HELD_OUT_SEED_START + 999
+VALIDATION_SEED_START = HELD_OUT_SEED_START + HELD_OUT_SIZE  # validation seeds follow them
+VALIDATION_SIZE = 1_000
 
 
 class TextWorldMissingError(ImportError, RuntimeError):
@@ -155,11 +158,12 @@ def game_spec(challenge: str, level: int, overrides: Mapping[str, Any] | None = 
 
 
 def split_seeds(split: str, n: int, seed: int, num_train_games: int) -> list[int]:
-    """``n`` game seeds of ``split``: "train" samples the training pool, "test" is held out.
+    """``n`` game seeds of ``split``: "train" samples the training pool, "test" is held out,
+    "validation" is a second set of unseen games for choosing settings.
 
     train: ``n`` seeds drawn (without replacement while ``n <= num_train_games``, then with) from
-    ``range(num_train_games)``, deterministic in ``seed``. test: the first ``n`` held-out seeds
-    (independent of ``seed``, so every evaluation sees the same games).
+    ``range(num_train_games)``, deterministic in ``seed``. test / validation: the first ``n``
+    seeds of that set (independent of ``seed``, so every evaluation sees the same games).
     """
     import random
 
@@ -169,8 +173,12 @@ def split_seeds(split: str, n: int, seed: int, num_train_games: int) -> list[int
         if n > HELD_OUT_SIZE:
             raise ValueError(f"n={n} exceeds the {HELD_OUT_SIZE} held-out TextWorld games")
         return list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + n))
+    if split == "validation":
+        if n > VALIDATION_SIZE:
+            raise ValueError(f"n={n} exceeds the {VALIDATION_SIZE} validation TextWorld games")
+        return list(range(VALIDATION_SEED_START, VALIDATION_SEED_START + n))
     if split != "train":
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if not 1 <= num_train_games <= HELD_OUT_SEED_START:
         raise ValueError(
             f"num_train_games must be in [1, {HELD_OUT_SEED_START}] (held-out seeds start "

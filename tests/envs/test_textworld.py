@@ -228,6 +228,14 @@ def test_split_seeds_basic() -> None:
         split_seeds("train", 1, 0, HELD_OUT_SEED_START + 1)
 
 
+def test_validation_split_follows_the_held_out_seeds() -> None:
+    first = HELD_OUT_SEED_START + HELD_OUT_SIZE
+    assert split_seeds("validation", 2, seed=5, num_train_games=10) == [first, first + 1]
+    assert split_seeds("validation", 2, 0, 10) == split_seeds("validation", 2, 99, 10)
+    with pytest.raises(ValueError, match="validation"):
+        split_seeds("validation", 1_001, 0, 10)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     n_train=st.integers(0, 300),
@@ -238,7 +246,8 @@ def test_split_seeds_basic() -> None:
 def test_splits_never_overlap(n_train: int, n_test: int, seed: int, pool: int) -> None:
     train = split_seeds("train", n_train, seed, pool)
     test = split_seeds("test", n_test, seed, pool)
-    assert not set(train) & set(test)
+    val = split_seeds("validation", n_test, seed, pool)
+    assert not set(train) & set(test) and not set(train) & set(val) and not set(test) & set(val)
     assert all(0 <= s < pool for s in train)
 
 
