@@ -11,7 +11,7 @@ import torch
 import spear.trainer as trainer_module
 from spear.config import load_config
 from spear.envs.base import StepResult, Task
-from spear.stages import compute_advantages
+from spear.stages import compute_advantages, fill_old_logprobs
 from spear.trainer import Trainer
 from spear.types import Message, Sample
 from tests.test_trainer import _cfg
@@ -130,3 +130,36 @@ def test_gigpo_charges_a_turn_penalty_to_its_own_step_return_only() -> None:
     compute_advantages(samples, cfg)
     want = [0.525 + 0.475, 0.425 + 0.45, -0.475 - 0.475, -0.475 - 0.45]
     assert [s.advantage for s in samples] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_turn_layout_update_moves_each_turn_with_its_advantage(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """One GRPO update on a batch of turn samples raises the log-probs of the turns with a
+    positive advantage and lowers those with a negative one (the replies the update trains on are
+    the ones the loop sampled, in the prompts it sampled them from)."""
+    cfg = _cfg(
+        cache_dir, tmp_path / "run", "rollout.layout=turn", "rollout.max_turns=3",
+        "rollout.max_response_tokens=48", "filters.group_keep_ratio=1.0", "optim.lr=1e-3",
+    )  # fmt: skip
+    (tmp_path / "run").mkdir()
+    t = Trainer(cfg, tmp_path / "run")
+    t.c.source.make_env = WalkingEnv  # type: ignore[method-assign]
+    episodes = t._rollout(1)
+    for e in episodes:  # every other episode wins: each group has signal
+        e.outcome_reward = float(e.episode_id % 2)
+    trainer_module.assign_rewards(episodes, 1, t.c.tool_bonus, invalid_penalty=0.0)
+    samples = [s for e in episodes for s in e.samples]
+
+    def logprobs() -> torch.Tensor:
+        fill_old_logprobs(t.c.policy, samples, cfg)
+        return torch.stack([s.behavior_logprobs[s.loss_mask].sum() for s in samples])
+
+    before = logprobs()
+    compute_advantages(samples, cfg)
+    t._update(samples, t.c.update, 0, 1, scale=1.0, prefix="actor")
+    moved = logprobs() - before
+    t.close()
+    adv = torch.tensor([s.advantage for s in samples])
+    assert (adv > 0).any() and (adv < 0).any()
+    assert moved[adv > 0].mean() > 0 > moved[adv < 0].mean()
