@@ -22,19 +22,13 @@ and sorts each into the first step of the chain it gets wrong:
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-from spear.backends import RolloutRequest
-from spear.config import load_config, run_config_path
+from failures_common import emit, greedy_episodes, parser, policy_config
+
 from spear.envs.base import Task
-from spear.evaluate import resolve_checkpoint
-from spear.trainer import Trainer, stage_generator
-from spear.types import Episode
 
 STAGES = (
     "no lookup",
@@ -71,46 +65,22 @@ def classify(task: Task, transcript: str, success: bool) -> str:
 
 def play(cfg_name: str, checkpoint: Path | None, split: str, n: int, seed: int) -> list[str]:
     """The stage of each of ``n`` greedy episodes on ``split``."""
-    overrides = ["logging.tensorboard=false", "logging.progress=false", f"eval.split={split}"]
-    if checkpoint is not None:
-        ckpt = resolve_checkpoint(checkpoint)
-        overrides += [f"model.path={ckpt / 'model'}", "model.lora.enabled=false"]
-        cfg = load_config(file=ckpt.parent.parent / "config.yaml", overrides=overrides)
-    else:
-        cfg = load_config(file=run_config_path(cfg_name), overrides=overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp), resume=False)
-        tasks = trainer.c.source.tasks(split, n, seed=seed)
-        request = RolloutRequest(
-            tasks,
-            group_size=1,
-            params=trainer.c.eval_loop_params,
-            step=0,
-            first_group_id=0,
-            first_episode_id=0,
-        )
-        episodes: list[Episode] = trainer.backend.rollout(request, stage_generator(seed, 0, 7))
-        decode = trainer.c.policy.tokenizer.decode
-        by_id = {t.task_id: t for t in tasks}
-        stages = []
-        for e in episodes:
-            text = decode(e.samples[-1].input_ids.tolist()) if e.samples else ""
-            text = text.split("<|im_start|>user", 1)[-1]
-            stages.append(classify(by_id[e.task_id], text, e.success))
-        trainer.close()
+    overrides = [f"eval.split={split}", f"eval.num_tasks={n}", f"trainer.seed={seed}"]
+    cfg = policy_config(cfg_name, checkpoint, overrides)
+    tasks, episodes, decode = greedy_episodes(cfg)
+    by_id = {t.task_id: t for t in tasks}
+    stages = []
+    for e in episodes:
+        text = decode(e.samples[-1].input_ids.tolist()) if e.samples else ""
+        text = text.split("<|im_start|>user", 1)[-1]
+        stages.append(classify(by_id[e.task_id], text, e.success))
     return stages
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__, split="test", count="tasks", n=256)
     ap.add_argument("--config", default="lookup", help="run config of the warm model")
-    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--tasks", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     stages = play(args.config, args.checkpoint, args.split, args.tasks, args.seed)
     counts = Counter(stages)
@@ -121,11 +91,7 @@ def main() -> None:
         "episodes": len(stages),
         "stages": {s: counts.get(s, 0) for s in STAGES},
     }
-    text = json.dumps(record, indent=1)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(record, args.out)
 
 
 if __name__ == "__main__":

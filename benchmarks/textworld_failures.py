@@ -21,18 +21,12 @@ whether the policy reads the goal at all, and how often each kind of command was
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from spear.backends import RolloutRequest
-from spear.config import load_config, run_config_path
-from spear.evaluate import resolve_checkpoint
-from spear.trainer import Trainer, stage_generator
+from failures_common import emit, greedy_episodes, parser, policy_config
 
 _DIRECTION = re.compile(r"\b(north|south|east|west)\b")
 _ADMISSIBLE = re.compile(r"^(?:(\d+)\.|-) (.+)$", re.MULTILINE)
@@ -87,33 +81,24 @@ def record_game(
 
 def play(overrides: list[str], checkpoint: Path | None, split: str, n: int) -> list[GameRecord]:
     """``n`` greedy games of ``split``, recorded."""
-    base = ["logging.tensorboard=false", "logging.progress=false", f"eval.split={split}"]
-    if checkpoint is not None:
-        ckpt = resolve_checkpoint(checkpoint)
-        extra = [f"model.path={ckpt / 'model'}", "model.lora.enabled=false"]
-        cfg = load_config(file=ckpt.parent.parent / "config.yaml", overrides=base + extra)
-    else:
-        cfg = load_config(file=run_config_path("textworld"), overrides=base + overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp), resume=False)
-        tasks = trainer.c.source.tasks(split, n, seed=cfg.trainer.seed)
-        request = RolloutRequest(
-            tasks, group_size=1, params=trainer.c.eval_loop_params, step=0,
-            first_group_id=0, first_episode_id=0,
-        )  # fmt: skip
-        episodes = trainer.backend.rollout(request, stage_generator(cfg.trainer.seed, 0, 7))
-        decode = trainer.c.policy.tokenizer.decode
-        records = []
-        for e in episodes:
-            prompts, replies = [], []
-            for s in e.samples:
-                ids, mask = s.input_ids.tolist(), s.loss_mask.tolist()
-                start = mask.index(True) if True in mask else len(ids)
-                prompts.append(decode(ids[:start]).rsplit("<|im_start|>user", 1)[-1])
-                replies.append(decode([i for i, m in zip(ids, mask) if m]))
-            goal = re.search(r"Goal: (.*)", prompts[0]).group(1) if prompts else ""  # type: ignore[union-attr]
-            records.append(record_game(goal, prompts, replies, e.success, cfg.rollout.max_turns))
-        trainer.close()
+    cfg = policy_config(
+        "textworld", checkpoint, [*overrides, f"eval.split={split}", f"eval.num_tasks={n}"]
+    )
+    _tasks, episodes, decode = greedy_episodes(cfg)
+    records = []
+    for e in episodes:
+        prompts, replies = [], []
+        for s in e.samples:
+            ids, mask = s.input_ids.tolist(), s.loss_mask.tolist()
+            start = mask.index(True) if True in mask else len(ids)
+            prompts.append(decode(ids[:start]).rsplit("<|im_start|>user", 1)[-1])
+            replies.append(decode([i for i, m in zip(ids, mask) if m]))
+        goal = re.search(r"Goal: (.*)", prompts[0]) if prompts else None
+        records.append(
+            record_game(
+                goal.group(1) if goal else "", prompts, replies, e.success, cfg.rollout.max_turns
+            )
+        )
     return records
 
 
@@ -134,14 +119,8 @@ def summarise(records: list[GameRecord]) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__, split="validation", count="games", n=48)
     ap.add_argument("overrides", nargs="*", help="section.key=value on the textworld run config")
-    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead")
-    ap.add_argument("--split", default="validation")
-    ap.add_argument("--games", type=int, default=48)
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     summary = summarise(play(args.overrides, args.checkpoint, args.split, args.games))
     record = {
@@ -150,11 +129,7 @@ def main() -> None:
         "split": args.split,
         **summary,
     }
-    text = json.dumps(record, indent=1)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(record, args.out)
 
 
 if __name__ == "__main__":

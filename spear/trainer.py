@@ -315,23 +315,33 @@ class Trainer:
         time), greedy; with ``eval.samples`` also pass@k and mean@n of that many sampled episodes
         per task."""
         c, cfg = self.c, self.cfg
-        tasks = c.source.tasks(cfg.eval.split, cfg.eval.num_tasks, seed=cfg.trainer.seed)
-        request = RolloutRequest(
-            tasks,
-            group_size=1,
-            params=c.eval_loop_params,
-            step=self.step,
-            first_group_id=0,
-            first_episode_id=0,
-        )
-        episodes = self.backend.rollout(request, stage_generator(cfg.trainer.seed, 0, _EVAL))
-        out = episode_metrics(episodes, "eval")
+        request = self._eval_request()
+        out = episode_metrics(self._greedy_episodes(request), "eval")
         if cfg.eval.samples:  # n sampled episodes per task: pass@k and mean@n
             sampled = replace(request, group_size=cfg.eval.samples, params=c.sample_loop_params)
             gen = stage_generator(cfg.trainer.seed, 0, _EVAL_SAMPLES)
             runs = self.backend.rollout(sampled, gen)
             out.update(sampled_metrics(runs, cfg.eval.samples, cfg.eval.ks, "eval"))
         return out
+
+    def eval_episodes(self) -> list[Episode]:
+        """The greedy episodes of an evaluation, one per fixed task of ``eval.split`` (in task
+        order), before they are reduced to metrics (for failure analyses)."""
+        return self._greedy_episodes(self._eval_request())
+
+    def _greedy_episodes(self, request: RolloutRequest) -> list[Episode]:
+        return self.backend.rollout(request, stage_generator(self.cfg.trainer.seed, 0, _EVAL))
+
+    def _eval_request(self) -> RolloutRequest:
+        cfg = self.cfg
+        return RolloutRequest(
+            self.c.source.tasks(cfg.eval.split, cfg.eval.num_tasks, seed=cfg.trainer.seed),
+            group_size=1,
+            params=self.c.eval_loop_params,
+            step=self.step,
+            first_group_id=0,
+            first_episode_id=0,
+        )
 
     # ------------------------------------------------------------------------------ fit
     def fit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from spear.envs.lookup import generate_tasks
 from spear.models.warmstart import boxed, tool_call_text
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "lookup_failures.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling failures_common
 _spec = importlib.util.spec_from_file_location("lookup_failures", _PATH)
 assert _spec is not None and _spec.loader is not None
 lf = importlib.util.module_from_spec(_spec)

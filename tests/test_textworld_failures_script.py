@@ -11,6 +11,7 @@ import pytest
 from spear.envs.textworld_env import build_turn_prompt
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "textworld_failures.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling failures_common
 _spec = importlib.util.spec_from_file_location("textworld_failures", _PATH)
 assert _spec is not None and _spec.loader is not None
 tf = importlib.util.module_from_spec(_spec)
