@@ -87,6 +87,11 @@ for _name, _method in {
     METHODS.register(_name)(_method)
 
 
+#: settings compare gives each run itself (:func:`_bookkeeping`), so a shared override of one is
+#: refused instead of silently replaced
+SET_PER_RUN = frozenset({"trainer.seed", "eval.split", "trainer.run_dir"})
+
+
 @dataclass(frozen=True, slots=True)
 class CompareSpec:
     """What to compare and how (see the module docstring)."""
@@ -115,6 +120,13 @@ class CompareSpec:
                 )
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("compare: a method is listed twice")
+        for o in self.overrides:
+            if o.split("=", 1)[0].strip() in SET_PER_RUN:
+                raise ConfigError(
+                    f"compare: {o!r} is set by compare for each run (seeds from --seeds, sweeps "
+                    "evaluate on the validation split and main runs on the held-out one, each "
+                    "run in its own directory under --out); drop it"
+                )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("compare: give one or more distinct seeds")
         if len(self.sweep) > 1:

@@ -97,6 +97,9 @@ def test_bad_specs_are_refused_with_the_known_names(tmp_path) -> None:
         spec(tmp_path, sweep={"optim.lr": ("1e-4",)})
     with pytest.raises(ConfigError, match="does not exist"):
         method_config(spec(tmp_path, base="no-such.yaml"), "grpo", [])
+    for setting in ("eval.split=validation", " trainer.seed=3", "trainer.run_dir=x"):
+        with pytest.raises(ConfigError, match="is set by compare for each run"):
+            spec(tmp_path, overrides=(*TINY_LOOKUP, setting))
 
 
 def test_the_sweep_runs_on_validation_and_the_main_runs_on_test(tmp_path) -> None:
