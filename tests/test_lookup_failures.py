@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spear.envs.lookup import generate_tasks
-from spear.models.warmstart import boxed, tool_call_text
+from spear.models.arithmetic_demos import boxed, tool_call_text
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "lookup_failures.py"
 sys.path.insert(0, str(_PATH.parent))  # the script imports its sibling failures_common

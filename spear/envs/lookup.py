@@ -132,7 +132,7 @@ def generate_tasks(split: str, n: int, seed: int) -> list[Task]:
 def oracle_actions(task: Task, observations: list[str]) -> str:
     """The scripted policy that solves every problem: the next action given the tool outputs
     seen so far (``lookup``, then ``calculator`` on the looked-up price, then the answer)."""
-    from spear.models.warmstart import boxed, tool_call_text
+    from spear.models.arithmetic_demos import boxed, tool_call_text
 
     item, q = str(task.meta["item"]), int(task.meta["quantity"])
     if not observations:

@@ -32,7 +32,8 @@ from spear.models.tokenizer import Conversation
 from spear.types import Message
 
 if TYPE_CHECKING:
-    from spear.models.warmstart import DemoKind, WarmStartParams
+    from spear.models.arithmetic_demos import DemoKind
+    from spear.models.warmstart import WarmStartParams
 
 
 def _made_up_price(true_price: int, rng: random.Random) -> int:
@@ -53,7 +54,7 @@ def _misspelled(item: str, rng: random.Random) -> str:
 
 def _script(task: Task, kind: DemoKind, variant: int, rng: random.Random) -> list[str | None]:
     """The actions of one demo; ``None`` stands for "the oracle's next action"."""
-    from spear.models.warmstart import DemoKind, boxed, malformed_call_text, tool_call_text
+    from spear.models.arithmetic_demos import DemoKind, boxed, malformed_call_text, tool_call_text
 
     item, q = str(task.meta["item"]), int(task.meta["quantity"])
     price = int(task.meta["price"])
@@ -77,7 +78,7 @@ def play_lookup_demo(
     env: Env, task: Task, kind: DemoKind, variant: int, rng: random.Random
 ) -> list[Message]:
     """Play one scripted demonstration in ``env``; return the whole conversation."""
-    from spear.models.warmstart import boxed, tool_call_text
+    from spear.models.arithmetic_demos import boxed, tool_call_text
 
     messages, _ = env.reset(task)
     messages = list(messages)
@@ -106,7 +107,7 @@ def make_lookup_demos(
 ) -> tuple[list[Conversation], dict[str, float]]:
     """``params.num_demos`` demonstrations on training problems, deterministic in ``seed``,
     and the share of demos that solve their problem (for the warm model's report)."""
-    from spear.models.warmstart import DemoKind, demo_kinds
+    from spear.models.arithmetic_demos import DemoKind, demo_kinds
 
     rng = random.Random(f"warmstart-lookup:{seed}")
     source = LookupTasks(params.task)

@@ -92,7 +92,7 @@ def make_scripted_demos(
     params: WarmStartParams, seed: int
 ) -> tuple[list[Conversation], dict[str, float]]:
     """``params.num_demos`` demonstrations (module docstring) and counts for the report."""
-    from spear.models.warmstart import DemoKind, demo_kinds
+    from spear.models.arithmetic_demos import DemoKind, demo_kinds
 
     source: TaskSource = params.task.source
     rng = random.Random(f"warmstart:scripted:{seed}")

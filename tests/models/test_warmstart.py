@@ -32,23 +32,25 @@ from spear.envs.arithmetic import (
     generate_tasks,
 )
 from spear.envs.base import StepResult, Task, tool_schema
-from spear.models.tokenizer import IM_END, Conversation, train_tokenizer
-from spear.models.warmstart import (
-    REPORT_FILE,
+from spear.models.arithmetic_demos import (
     DemoKind,
-    WarmStartParams,
     boxed,
     corrupt_expression,
     demo_kinds,
-    encode_with_mask,
-    ensure_warm_model,
-    lr_factor,
     make_demos,
     malformed_call_text,
-    masked_nll,
     naive_guess,
     play_demo,
     tool_call_text,
+)
+from spear.models.tokenizer import IM_END, Conversation, train_tokenizer
+from spear.models.warmstart import (
+    REPORT_FILE,
+    WarmStartParams,
+    encode_with_mask,
+    ensure_warm_model,
+    lr_factor,
+    masked_nll,
 )
 from spear.rollout.parsers import PARSERS, ToolCall
 
