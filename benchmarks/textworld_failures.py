@@ -28,9 +28,10 @@ from pathlib import Path
 
 from failures_common import emit, greedy_episodes, parser, policy_config
 
+from spear.envs.textworld_env import parse_action
+
 _DIRECTION = re.compile(r"\b(north|south|east|west)\b")
 _ADMISSIBLE = re.compile(r"^(?:(\d+)\.|-) (.+)$", re.MULTILINE)
-_ACTION = re.compile(r"<action>(.*?)</action>", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,7 @@ def record_game(
     ``replies[t]`` the model's reply to it."""
     commands = []
     for prompt, reply in zip(prompts, replies):
-        m = _ACTION.search(reply)
-        answer = " ".join(m.group(1).split()).lower() if m else ""
+        answer = parse_action(reply) or ""  # the env's own reading of a reply
         commands.append(admissible(prompt).get(answer, f"?{answer}"))
     first_dir = _DIRECTION.search(goal)
     first = commands[0] if commands else ""
@@ -71,12 +71,9 @@ def record_game(
         first_move = "right"
     else:
         first_move = "wrong"
-    moves = (
-        {c for c in admissible(prompts[0]).values() if c.startswith("go ")} if prompts else set()
-    )
-    go_count = len(moves)
+    moves = {c for c in admissible(prompts[0]).values() if c.startswith("go ")} if prompts else ()
     end = "won" if won else ("timed out" if len(commands) >= max_turns else "lost")
-    return GameRecord(first_move, end, 1.0 / go_count if go_count else 0.0, tuple(commands))
+    return GameRecord(first_move, end, 1.0 / len(moves) if moves else 0.0, tuple(commands))
 
 
 def play(overrides: list[str], checkpoint: Path | None, split: str, n: int) -> list[GameRecord]:
