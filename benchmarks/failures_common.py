@@ -38,10 +38,7 @@ def greedy_episodes(
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), resume=False)
         try:
-            tasks = trainer.c.source.tasks(
-                cfg.eval.split, cfg.eval.num_tasks, seed=cfg.trainer.seed
-            )
-            episodes = trainer.eval_episodes()
+            tasks, episodes = trainer.eval_episodes()
             tokenizer = trainer.c.policy.tokenizer
         finally:
             trainer.close()

@@ -117,7 +117,7 @@ def select_groups(stds: Tensor, n_keep: int, largest: bool) -> Tensor:
 
 @dataclass(frozen=True, slots=True)
 class ResponseFilterParams:
-    """Enabled response filters and the repetition test (defaults: spear/config.py ``filters``)."""
+    """Enabled response filters and the repetition test (defaults: spear/config_sections.py ``filters``)."""
 
     enabled: tuple[str, ...]  # names in RESPONSE_FILTERS
     ngram: int  # n of the repetition test

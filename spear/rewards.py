@@ -53,7 +53,7 @@ def _finite_non_negative(name: str, value: object) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ToolBonus:
-    """Intrinsic tool-call reward settings (defaults: spear/config.py, ``reward.tool_bonus``)."""
+    """Intrinsic tool-call reward settings (defaults: spear/config_sections.py, ``reward.tool_bonus``)."""
 
     alpha: float  # bonus per counted call
     cap: float  # maximum bonus before the schedule factor

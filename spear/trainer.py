@@ -37,7 +37,7 @@ from spear.checkpoint import (
     save_checkpoint,
 )
 from spear.config import Config
-from spear.envs.base import TaskSource
+from spear.envs.base import Task, TaskSource
 from spear.filters import apply_group_filter, apply_response_filters
 from spear.interrupts import TrainingInterrupted, finish_step_on_sigint
 from spear.metrics import MetricLogger, logged_steps, sync_metrics
@@ -324,10 +324,11 @@ class Trainer:
             out.update(sampled_metrics(runs, cfg.eval.samples, cfg.eval.ks, "eval"))
         return out
 
-    def eval_episodes(self) -> list[Episode]:
-        """The greedy episodes of an evaluation, one per fixed task of ``eval.split`` (in task
-        order), before they are reduced to metrics (for failure analyses)."""
-        return self._greedy_episodes(self._eval_request())
+    def eval_episodes(self) -> tuple[list[Task], list[Episode]]:
+        """The fixed tasks of ``eval.split`` and their greedy episodes, one each, in task order,
+        before they are reduced to metrics (for failure analyses)."""
+        request = self._eval_request()
+        return list(request.tasks), self._greedy_episodes(request)
 
     def _greedy_episodes(self, request: RolloutRequest) -> list[Episode]:
         return self.backend.rollout(request, stage_generator(self.cfg.trainer.seed, 0, _EVAL))

@@ -149,7 +149,7 @@ def _required_fields(model: type[BaseModel], where: str = "") -> list[str]:
 
 
 def test_defaults_have_one_home():
-    """B16: every config field, at every depth, has its default in spear/config.py, and none of
+    """B16: every config field, at every depth, has its default in spear/config_sections.py, and none of
     the records that spear/build.py (and the tasks) map the config onto declares a default of
     its own, so a setting can only come from the config."""
     assert _required_fields(Config) == []

@@ -418,10 +418,11 @@ def test_eval_episodes_are_the_evaluation_before_its_metrics(cache_dir, tmp_path
     cfg = _cfg(cache_dir, tmp_path / "run", "eval.num_tasks=5")
     (tmp_path / "run").mkdir()
     t = Trainer(cfg, tmp_path / "run")
-    tasks = t.c.source.tasks(cfg.eval.split, 5, seed=cfg.trainer.seed)
-    episodes = t.eval_episodes()
+    expected = t.c.source.tasks(cfg.eval.split, 5, seed=cfg.trainer.seed)
+    tasks, episodes = t.eval_episodes()
     metrics = t.evaluate()
     t.close()
+    assert [task.task_id for task in tasks] == [task.task_id for task in expected]
     assert [e.task_id for e in episodes] == [task.task_id for task in tasks]  # one each, in order
     assert metrics["eval/success"] == sum(e.success for e in episodes) / 5
     assert metrics["eval/episodes"] == 5
