@@ -28,6 +28,7 @@ CURVES = {
     "train_success": lambda r: r.get("train/success"),
     "entropy": lambda r: r.get("actor/entropy"),
     "tool_calls": lambda r: r.get("train/tool_calls"),
+    "invalid_actions": lambda r: r.get("train/invalid_actions"),
     "all_equal_groups": lambda r: _ratio(
         r.get("filter/zero_std_groups"), r.get("filter/groups_before")
     ),
@@ -160,6 +161,7 @@ def write_report(
         sweep.setdefault(r["method"], {}).setdefault(str(r["value"]), []).append(final_success(r))
     summary = {
         "base": spec.base,
+        "task": plans[0].config.task.name if plans else None,
         "overrides": list(spec.overrides),
         "sweep": {
             "values": {k: list(v) for k, v in spec.sweep.items()},
@@ -263,6 +265,14 @@ _PANELS = (
     ("all_equal_groups", "groups with all-equal rewards"),
     ("replayed_rows", "replayed rows / step"),
 )
+#: task name -> (curve, title) in place of the tool-call panel, for tasks that act without tools
+ACTION_PANELS = {"textworld": ("invalid_actions", "inadmissible actions / episode")}
+
+
+def panels(task: str | None) -> tuple[tuple[str, str], ...]:
+    """The six (curve, title) panels of ``curves.png`` for a comparison on ``task``."""
+    swap = ACTION_PANELS.get(task or "")
+    return tuple(swap if swap and key == "tool_calls" else (key, t) for key, t in _PANELS)
 
 
 def plot_summary(summary: dict[str, Any], out: Path) -> None:
@@ -274,9 +284,9 @@ def plot_summary(summary: dict[str, Any], out: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, (key, title) in zip(axes.flat, _PANELS):
+    for ax, (key, title) in zip(axes.flat, panels(summary.get("task"))):
         for name, m in summary["methods"].items():
-            c = m["curves"][key]
+            c = m["curves"].get(key, {"step": []})
             if not c["step"]:
                 continue
             (line,) = ax.plot(

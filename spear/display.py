@@ -120,6 +120,26 @@ def eta_seconds(done: int, total: int, elapsed: float, start: int = 0) -> float:
     return (total - done) * elapsed / (done - start)
 
 
+class Pace:
+    """The ETA of a loop measured from its first report on, so that what ran before it (games
+    generated, demonstrations played, the evaluation before training) does not count as
+    progress time. ``eta`` inf until a second report."""
+
+    def __init__(self) -> None:
+        self._first: tuple[int, float] | None = None  # (units done, time) at the first report
+
+    def eta(self, done: int, total: int, now: float) -> float:
+        """Seconds left at ``now`` (a ``time.perf_counter()`` reading) with ``done`` of ``total``."""
+        if self._first is None:
+            self._first = (done, now)
+        start, since = self._first
+        return eta_seconds(done, total, now - since, start=start)
+
+    def elapsed(self, now: float) -> float:
+        """Seconds from the first report to ``now`` (0 before it)."""
+        return 0.0 if self._first is None else now - self._first[1]
+
+
 class PlainLineHandler(logging.Handler):
     """Log records as plain complete lines through ``console`` (``WARNING: ...`` above INFO)."""
 
@@ -201,16 +221,17 @@ class RunDisplay:
                 yield
 
     def _plain_build_report(self) -> Callable[[int, int, float], None]:
-        start = time.perf_counter()
+        pace = Pace()
 
         def report(done: int, total: int, loss: float) -> None:
+            now = time.perf_counter()
+            eta = pace.eta(done, total, now)
             every = max(1, round(total * self.plain_every))
             if done % every and done != total:
                 return
-            elapsed = time.perf_counter() - start
             self._line(
-                f"warm start {done}/{total}  loss {loss:.3f}  elapsed {clock(elapsed)}  "
-                f"eta {clock(eta_seconds(done, total, elapsed))}"
+                f"warm start {done}/{total}  loss {loss:.3f}  elapsed {clock(pace.elapsed(now))}  "
+                f"eta {clock(eta)}"
             )
 
         return report
@@ -249,10 +270,11 @@ class RunDisplay:
                 yield lambda step, m: progress.update(bar, completed=step, info=info(step, m))
         else:
             start = time.perf_counter()
+            pace = Pace()
 
             def plain(step: int, m: dict[str, float]) -> None:
-                elapsed = time.perf_counter() - start
-                eta = eta_seconds(step, total, elapsed, start=completed)
+                now = time.perf_counter()
+                eta, elapsed = pace.eta(step, total, now), now - start
                 self._line(
                     f"step {step}/{total}  {info(step, m)}  elapsed {clock(elapsed)}  "
                     f"eta {clock(eta)}"

@@ -24,6 +24,7 @@ from spear.config import (
     preset_names,
     run_config_path,
 )
+from spear.envs.textworld_games import game_spec
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -116,7 +117,14 @@ def test_train_help_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> No
 def test_config_show_list(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = run(capsys, "config", "show", "list")
     assert rc == 0
-    assert out.splitlines() == ["default", "lookup", "lookup-sparse", "textworld", *preset_names()]
+    assert out.splitlines() == [
+        "default",
+        "lookup",
+        "lookup-sparse",
+        "textworld",
+        "textworld-coin",
+        *preset_names(),
+    ]
     assert {"spear", "grpo", "gigpo", "drbot"} <= set(out.splitlines())
 
 
@@ -258,6 +266,20 @@ def test_a_shipped_run_config_is_found_by_name(capsys: pytest.CaptureFixture[str
     assert rc == 0 and yaml.safe_load(out)["task"]["name"] == "textworld"
     assert run_config_path("textworld").name == "textworld.yaml"
     assert run_config_path("no/such.yaml") == Path("no/such.yaml")
+
+
+@pytest.mark.parametrize(
+    "name", ["default", "lookup", "lookup-sparse", "textworld", "textworld-coin"]
+)
+def test_every_shipped_run_config_loads_with_curricula_over_its_whole_run(name: str) -> None:
+    cfg = load_config(file=run_config_path(name))
+    steps = cfg.trainer.steps
+    if cfg.reward.tool_bonus.mode != "none":
+        assert cfg.reward.tool_bonus.horizon == steps, name
+    if cfg.replay.enabled:
+        assert cfg.replay.loss_coef.get("horizon", steps) == steps, name
+    if cfg.task.name == "textworld":  # the challenge and level name real TextWorld settings
+        assert game_spec(cfg.task.challenge, cfg.task.textworld_level).settings
 
 
 def test_train_accepts_a_shipped_run_config_name(

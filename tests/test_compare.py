@@ -19,11 +19,13 @@ from spear.compare import (
     run_plan,
 )
 from spear.compare_report import (
+    CURVES,
     _gaps,
     band,
     bootstrap_ci,
     bootstrap_diff_ci,
     bootstrap_paired_ci,
+    panels,
     summary_markdown,
 )
 from spear.config import ConfigError
@@ -203,6 +205,14 @@ def test_gaps_pair_runs_by_seed() -> None:
     assert "paired" not in gaps["spear-drbot"]  # a single pair has no interval
 
 
+def test_text_games_plot_inadmissible_actions_where_tool_tasks_plot_tool_calls() -> None:
+    tool, game = dict(panels("arithmetic")), dict(panels("textworld"))
+    assert "tool_calls" in tool and "invalid_actions" not in tool
+    assert game["invalid_actions"] == "inadmissible actions / episode" and "tool_calls" not in game
+    assert panels(None) == panels("arithmetic") and len(game) == len(tool) == 6
+    assert CURVES["invalid_actions"]({"train/invalid_actions": 2.5}) == 2.5
+
+
 def test_band_by_hand() -> None:
     assert band([{0: 0.0, 5: 0.5}, {0: 1.0, 5: 0.25, 10: 0.5}]) == {
         "step": [0.0, 5.0, 10.0],
@@ -231,6 +241,7 @@ def test_a_comparison_runs_resumes_and_reports(tmp_path) -> None:
     assert summary["methods"]["spear"]["sil_triggers_per_run"] == [len(replayed)]
     assert summary["methods"]["spear"]["replayed_rows_per_step"] == [sum(replayed) / 3]
     assert "spear-grpo" in on_disk["gaps"] and (out / "curves.png").stat().st_size > 0
+    assert on_disk["task"] == "lookup"  # the base config's task
     assert "| grpo | 0.0001 |" in summary_markdown(on_disk)
 
     # a run killed after its step-2 checkpoint resumes and ends as an uninterrupted one did

@@ -106,8 +106,8 @@ def test_plain_output_is_complete_lines(monkeypatch: pytest.MonkeyPatch) -> None
     assert lines[:2] == [
         "step 0/30  held-out 0.20 (before training)  elapsed 0:00:03  eta -:--:--",
         "step 1/30  success 0.44  reward 0.50  entropy 0.812  tools 0.90  sil-eligible 12  "
-        "held-out 0.20 (before training)  elapsed 0:00:06  eta 0:02:54",
-    ]
+        "held-out 0.20 (before training)  elapsed 0:00:06  eta 0:01:27",
+    ]  # the pace counts from step 0's line (3 s a step since), not from before the evaluation
     assert "held-out 0.20 -> 0.50" in lines[2] and "held-out 0.20 -> 0.50" in lines[3]
     assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
 
@@ -130,6 +130,26 @@ def test_plain_warm_start_build_prints_a_line_every_tenth(
     assert lines[-1].startswith("warm start 20/20  loss 0.050  elapsed")
     # outside the block, builds log as before (no display attached)
     assert ws._build_progress.get() is None
+
+
+def test_plain_warm_start_eta_ignores_the_time_before_the_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 100 s of preparation (games, demonstrations), then 1 s a step: at 10/20 the line says
+    # 9 s elapsed since step 1 and 10 s left, not 109 s elapsed and 109 s left
+    clock_s = [0.0]
+    monkeypatch.setattr("spear.display.time.perf_counter", lambda: clock_s[0])
+    console, buf = _plain_console()
+    display = RunDisplay(console, TOOL_TASK_STYLE)
+    with display.preparing("building the warm model"):
+        clock_s[0] = 100.0
+        report = ws._progress(20)
+        for step in range(20):
+            clock_s[0] = 100.0 + step
+            report(step, 0.5)
+    lines = buf.getvalue().splitlines()
+    at10 = next(line for line in lines if line.startswith("warm start 10/20"))
+    assert "elapsed 0:00:09" in at10 and "eta 0:00:10" in at10
 
 
 def test_live_warm_start_build_gets_a_progress_bar() -> None:
