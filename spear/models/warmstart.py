@@ -513,11 +513,17 @@ def ensure_warm_model(cache_dir: Path, params: WarmStartParams, seed: int) -> Pa
 
 
 def _build(cache_dir: Path, params: WarmStartParams, seed: int) -> Path:
-    """Build the warm model in ``.building-*`` and rename it into place (the caller holds the
-    key's lock)."""
-    final = cache_dir / f"warm-{params.cache_key(seed)}"
+    """Build the warm model in ``.building-<key>-*`` and rename it into place (the caller holds
+    the key's lock). A ``.building-<key>-*`` left by a build that was killed outright (SIGKILL,
+    out of memory: no ``finally`` ran) is removed first: under the lock no other process can be
+    building this key."""
+    key = params.cache_key(seed)
+    final = cache_dir / f"warm-{key}"
     snapshot = cache_dir / f".resume-{final.name}.pt"  # kept when a build is stopped
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    for stale in cache_dir.glob(f".building-{key}-*"):
+        log.info("removing %s, left by a build that was killed", stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{key}-", dir=cache_dir))
     try:
         log.info(
             "building the warm model (tokenizer, tiny model, %d warm-start steps)", params.steps

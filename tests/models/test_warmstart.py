@@ -656,6 +656,26 @@ def test_ensure_rename_writes_the_final_dir_atomically(
     assert cache_listing(tmp_path) == [path.name]
 
 
+def test_a_killed_builds_leftover_is_removed_by_the_next_build_of_its_key(
+    tmp_path: Path, params: WarmStartParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = params.cache_key(0)
+    killed = tmp_path / f".building-{key}-dead1"  # what a SIGKILLed build leaves
+    (killed / "model.safetensors").parent.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / f".building-{params.cache_key(1)}-live"  # another key's build: kept
+    other.mkdir()
+
+    def fake_build(out_dir: Path, *_: Any) -> dict[str, Any]:
+        assert out_dir.name.startswith(f".building-{key}-") and not killed.exists()
+        (out_dir / REPORT_FILE).write_text("{}")
+        return {}
+
+    monkeypatch.setattr(ws, "build_warm_model", fake_build)
+    path = ensure_warm_model(tmp_path, params, seed=0)
+    assert cache_listing(tmp_path) == sorted([other.name, path.name])
+
+
 def test_ensure_concurrent_builder_keeps_the_first_finished(
     tmp_path: Path, params: WarmStartParams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
