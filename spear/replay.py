@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -485,6 +485,7 @@ class ReplayBuffer:
                 "restoring a replay buffer saved with different parameters: %s", state.get("params")
             )
         lengths = state["lengths"].tolist()
+        state = {**state, "scalars": _with_new_fields(state["scalars"], len(lengths))}
         _check_state_sizes(state, lengths)
         split = {
             name: torch.split(state[name], lengths) if lengths else () for name in _TENSOR_FIELDS
@@ -520,6 +521,17 @@ def _check_state_sizes(state: dict[str, Any], lengths: list[int]) -> None:
                 f"replay state scalar {name!r} has {len(scalars.get(name, ()))} entries; "
                 f"expected {len(lengths)} (one per stored sample)"
             )
+
+
+def _with_new_fields(scalars: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
+    """``scalars`` with every :class:`Sample` field that has a default and is missing (a state
+    saved before that field existed, e.g. ``turn_penalty``) filled with that default, n times."""
+    out = dict(scalars)
+    for f in fields(Sample):
+        if f.name in _SCALAR_FIELDS and f.name not in out and f.default is not MISSING:
+            log.info("replay state predates Sample.%s: using its default %r", f.name, f.default)
+            out[f.name] = [f.default] * n
+    return out
 
 
 def _empty_field(name: str) -> Tensor:
